@@ -1,0 +1,46 @@
+# ct-appliance developer entry points. Everything a target needs is installed by the target.
+#   make run    start the appliance on a generated dev config (./var/dev-config.yaml)
+#   make test   lint, type-check and run every test
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit clean lock
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n 's/^#   //p' Makefile build/*.mk ops/*.mk bench/*.mk 2>/dev/null
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	@$(PY) -m appliance.devsetup
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check appliance tests examples
+	$(VENV)/bin/ruff format --check appliance tests examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+# Regenerate the lock of transitive versions from the pins in pyproject.toml.
+lock:
+	rm -rf /tmp/ct-lock && $(PYTHON) -m venv /tmp/ct-lock
+	/tmp/ct-lock/bin/pip install --quiet -e '.[dev,build]'
+	/tmp/ct-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+clean:
+	rm -rf $(VENV) dist build/work var .mypy_cache .ruff_cache .pytest_cache
+
+-include build/build.mk ops/ops.mk bench/bench.mk
