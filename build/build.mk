@@ -1,0 +1,44 @@
+# Release artefacts: the onefile binary, the .deb, the system test on a booted Debian, and the
+# unit's security exposure. Included by the main Makefile (VENV, PY, STAMP come from there).
+#   make binary          build dist/ct-appliance (PyInstaller onefile, reproducible)
+#   make binary-repro    build twice from clean and check both have the same sha256
+#   make deb             build dist/ct-appliance_<version>_amd64.deb with dpkg-deb
+#   make test-system     boot Debian bookworm in systemd-nspawn, install the .deb, prove it
+#   make security-score  systemd-analyze security of the unit; fails above 1.5
+
+BUILD_STAMP   := $(VENV)/.installed-build
+APP_VERSION    = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' appliance/__init__.py)
+DEB            = dist/ct-appliance_$(APP_VERSION)_amd64.deb
+# Whole tenths: 15 means an exposure of 1.5 (systemd-analyze's --threshold unit).
+SECURITY_MAX  ?= 15
+
+.PHONY: binary binary-repro deb test-system security-score
+
+$(BUILD_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[build]'
+	@touch $@
+
+binary: $(BUILD_STAMP)
+	@sh build/binary.sh $(PY)
+
+binary-repro: $(BUILD_STAMP)
+	@sh build/binary.sh $(PY) >/dev/null && sha256sum dist/ct-appliance | tee build/work/sha256.1
+	@sh build/binary.sh $(PY) >/dev/null && sha256sum dist/ct-appliance | tee build/work/sha256.2
+	@cmp -s build/work/sha256.1 build/work/sha256.2 \
+		&& echo "reproducible: two clean builds gave the same sha256" \
+		|| { echo "NOT reproducible: the two builds differ"; exit 1; }
+
+deb: binary
+	@sh packaging/build-deb.sh $(APP_VERSION) dist/ct-appliance $(DEB)
+
+# Debian bookworm booted under systemd-nspawn (root cached under build/cache/); needs root.
+test-system: deb
+	CT_SYSTEM_TEST=1 CT_SYSTEM_DEB=$(DEB) timeout --foreground 900 \
+		$(VENV)/bin/pytest -p no:cacheprovider -o addopts="" --strict-markers -ra -v tests/system
+
+security-score:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+		echo "installing Debian's systemd package for systemd-analyze"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
+	@out=$$(systemd-analyze security --offline=true --threshold=$(SECURITY_MAX) \
+		systemd/ct-appliance.service 2>&1); rc=$$?; echo "$$out" | tail -n 1; exit $$rc
