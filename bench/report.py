@@ -1,0 +1,205 @@
+"""Medians over rounds, ratios taken within rounds, the table, the spec §10 targets, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+COLUMNS = [
+    # key, header, format
+    ("rps", "req/s", "{:,.0f}"),
+    ("ratio", "× bare", "{:.2f}"),
+    ("sat_p50_ms", "sat p50 ms", "{:.1f}"),
+    ("sat_p99_ms", "sat p99 ms", "{:.1f}"),
+    ("paced_p50_ms", "100/s p50 ms", "{:.1f}"),
+    ("paced_p99_ms", "100/s p99 ms", "{:.1f}"),
+    ("cpu_ms", "CPU ms/req", "{:.3f}"),
+    ("busy_pct", "srv CPU %", "{:.0f}"),
+    ("private_mib", "private MiB", "{:.0f}"),
+    ("ready_s", "ready s", "{:.2f}"),
+    ("errors", "errors", "{:d}"),
+]
+
+
+def median(values: list[Any]) -> Any:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def add_ratios(rounds: list[dict[str, Row]]) -> None:
+    """Each round's req/s over the same round's bare (and seeded over the same round's app)."""
+    for rnd in rounds:
+        bare = rnd.get("bare", {}).get("rps")
+        app = rnd.get("app", {}).get("rps")
+        for key, row in rnd.items():
+            if row.get("rps") is None:
+                continue
+            if bare and row.get("kind") == "http":
+                row["ratio"] = row["rps"] / bare
+            if app and key.startswith("idx"):
+                row["ratio_to_app"] = row["rps"] / app
+
+
+def aggregate(
+    variants: list[Any], rounds: list[dict[str, Row]], reasons: dict[str, str]
+) -> list[Row]:
+    out = []
+    for v in variants:
+        rows = [rnd[v.key] for rnd in rounds if v.key in rnd]
+        ok = [r for r in rows if not r.get("error")]
+        agg: Row = {"key": v.key, "label": v.label, "rounds": len(ok)}
+        if not ok:
+            why = reasons.get(v.key) or next(
+                (r["error"] for r in rows if r.get("error")), "not run"
+            )
+            agg["unavailable"] = why
+            out.append(agg)
+            continue
+        for key, _, _ in COLUMNS:
+            if key == "errors":
+                agg[key] = sum(r.get("errors", 0) for r in ok)
+            else:
+                agg[key] = median([r.get(key) for r in ok])
+        agg["ratio_to_app"] = median([r.get("ratio_to_app") for r in ok])
+        agg["rps_by_round"] = [round(r["rps"]) if r.get("rps") else None for r in rows]
+        agg["notes"] = sorted({n for r in rows for n in r.get("notes", [])})
+        agg["failed_rounds"] = [r["error"] for r in rows if r.get("error")]
+        out.append(agg)
+    return out
+
+
+def table(rows: list[Row]) -> str:
+    head = "| variant | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    sep = "|---|" + "|".join("---:" for _ in COLUMNS) + "|"
+    lines = [head, sep]
+    for row in rows:
+        if "unavailable" in row:
+            lines.append(
+                f"| {row['label']} | not available: {row['unavailable']} |"
+                + " |" * (len(COLUMNS) - 1)
+            )
+            continue
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            cells.append("–" if value is None else fmt.format(value))
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(rows: list[Row], rounds: int) -> str:
+    out = []
+    for row in rows:
+        if "unavailable" in row:
+            continue
+        extra = []
+        if row["rounds"] < rounds:
+            failed = "; ".join(row["failed_rounds"])[:300]
+            extra.append(f"{row['rounds']}/{rounds} rounds succeeded: {failed}")
+        extra.extend(row["notes"])
+        by_round = ", ".join("–" if v is None else f"{v:,}" for v in row.get("rps_by_round", []))
+        out.append(
+            f"- {row['label']}: req/s by round {by_round}" + "".join(f"; {e}" for e in extra)
+        )
+    return "\n".join(out)
+
+
+def _fmt(v: float | None, f: str) -> str:
+    return "–" if v is None else f.format(v)
+
+
+def targets(rows: list[Row], startup: dict[str, Row]) -> str:
+    by = {r["key"]: r for r in rows if "unavailable" not in r}
+    lines = ["| spec §10 target | measured | verdict |", "|---|---:|---|"]
+
+    def line(what: str, value: float | None, fmt: str, ok: bool, absent: str = "") -> None:
+        verdict = f"n/a{absent}" if value is None else ("met" if ok else "MISSED")
+        lines.append(f"| {what} | {_fmt(value, fmt)} | {verdict} |")
+
+    ratio = by.get("app", {}).get("ratio")
+    line("durable accept ≥ 0.6 × bare (aim 0.75)", ratio, "{:.2f}", (ratio or 0) >= 0.6)
+    for key in sorted(k for k in by if k.startswith("idx")):
+        r = by[key].get("ratio_to_app")
+        line(f"{by[key]['label']}: ≥ 0.9 × empty store", r, "{:.2f}", (r or 0) >= 0.9)
+    p99 = by.get("app", {}).get("paced_p99_ms")
+    line("p99 at 100 deliveries/s ≤ 20 ms", p99, "{:.1f} ms", (p99 or 1e9) <= 20)
+    binary = startup.get("binary", {}).get("median_s")
+    line(
+        "binary start-up to /readyz ≤ 1.5 s",
+        binary,
+        "{:.2f} s",
+        (binary or 1e9) <= 1.5,
+        " (no dist/ct-appliance)",
+    )
+    mem = by.get("idx10m", {}).get("private_mib")
+    line("private memory ≤ 120 MiB at 10 M ids", mem, "{:.0f} MiB", (mem or 1e9) <= 120)
+    return "\n".join(lines)
+
+
+def startup_table(startup: dict[str, Row]) -> str:
+    lines = ["| exec → ready | median s | min s | max s | runs |", "|---|---:|---:|---:|---:|"]
+    for row in startup.values():
+        if row.get("unavailable"):
+            lines.append(f"| {row['label']} | not available: {row['unavailable']} | | | |")
+        else:
+            lines.append(
+                f"| {row['label']} | {row['median_s']:.2f} | {row['min_s']:.2f} | "
+                f"{row['max_s']:.2f} | {row['runs']} |"
+            )
+    return "\n".join(lines)
+
+
+def _first(cmd: list[str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "–"
+    if done.returncode != 0:
+        return "–"
+    text = (done.stdout or done.stderr).strip().splitlines()
+    return text[0] if text else "–"
+
+
+def machine(root: Path, work: Path, app_exe: Path) -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+        "?",
+    )
+    mem_kb = next(
+        int(ln.split()[1])
+        for ln in Path("/proc/meminfo").read_text().splitlines()
+        if ln.startswith("MemTotal")
+    )
+    os_name = "?"
+    if Path("/etc/os-release").exists():
+        for ln in Path("/etc/os-release").read_text().splitlines():
+            if ln.startswith("PRETTY_NAME="):
+                os_name = ln.split("=", 1)[1].strip('"')
+    fs = _first(["sh", "-c", f"df -T {work} | tail -1 | awk '{{print $2}}'"])
+    commit = _first(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--", "appliance"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "cpu": f"{os.cpu_count()} × {model}",
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "os": os_name,
+        "python": platform.python_version(),
+        "wrk": _first(["wrk", "-v"]) if shutil.which("wrk") else "–",
+        "webhook": _first(["webhook", "-version"]) if shutil.which("webhook") else "–",
+        "ct-appliance": _first([str(app_exe), "--version"]) if app_exe.exists() else "–",
+        "commit": commit + (" + uncommitted appliance/ changes" if dirty else ""),
+        "store filesystem": fs,
+        "load average at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }

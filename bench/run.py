@@ -1,0 +1,495 @@
+"""make bench: throughput, latency, CPU, memory and start-up of ct-appliance against its ceiling
+(bare Hypercorn-trio) and a peer (Debian's webhook), in one table of medians.
+
+Each round runs every variant once (in rotated order), each on a server started for it, pinned to
+CPU 0, driven from CPU 1: a 1 s wrk warm-up, wrk saturation at 64 connections, then loadgen.py
+paced at 100 requests/s (open loop, latency from the scheduled send time). Ratios to the bare
+server are taken within each round, then the median over rounds is reported. Start-up (exec to
+/readyz 200) is measured apart, several runs each. Every server started is stopped, even on error.
+
+Settings (environment variables; BENCH_QUICK=1 shrinks everything for development):
+  BENCH_ROUNDS=3 BENCH_SATURATION_SECONDS=8 BENCH_PACED_SECONDS=8 BENCH_PACED_RATE=100
+  BENCH_WARMUP_SECONDS=1 BENCH_CONNECTIONS=64 BENCH_STARTUP_RUNS=5 BENCH_IMPORT_DELIVERIES=1000
+  BENCH_SEED_FLOWS=1000000,10000000 BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,webhook,import
+  BENCH_MAX_RATE=5000 (sizes the unique-id request files) BENCH_KEEP=1 (keep the work directory)
+  BENCH_APP_EXE=.venv/bin/ct-appliance (the ct-appliance command to serve the app variants with)
+Results: printed, and saved under var/bench/ (results-*.json, results-*.md, latest.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import load  # noqa: E402
+import payloads  # noqa: E402
+import report  # noqa: E402
+import servers  # noqa: E402
+import variants  # noqa: E402
+from variants import Ctx, NotAvailable, Variant  # noqa: E402
+
+ROOT = HERE.parent
+DEBIAN_TOOLS = {"wrk": "wrk", "webhook": "webhook"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    rounds: int
+    warmup_seconds: int
+    saturation_seconds: int
+    paced_seconds: float
+    paced_rate: float
+    connections: int
+    startup_runs: int
+    import_deliveries: int
+    import_timeout_seconds: float
+    seed_flows: list[int]
+    variants: list[str] | None
+    max_rate: int
+    keep: bool
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        quick = env.get("BENCH_QUICK", "") not in ("", "0")
+
+        def num(name: str, default: float, quick_default: float | None = None) -> float:
+            if name in env:
+                return float(env[name])
+            return quick_default if quick and quick_default is not None else default
+
+        chosen = env.get("BENCH_VARIANTS")
+        return cls(
+            quick=quick,
+            rounds=int(num("BENCH_ROUNDS", 3, 1)),
+            warmup_seconds=int(num("BENCH_WARMUP_SECONDS", 1)),
+            saturation_seconds=int(num("BENCH_SATURATION_SECONDS", 8, 3)),
+            paced_seconds=num("BENCH_PACED_SECONDS", 8, 3),
+            paced_rate=num("BENCH_PACED_RATE", 100),
+            connections=int(num("BENCH_CONNECTIONS", 64)),
+            startup_runs=int(num("BENCH_STARTUP_RUNS", 5, 2)),
+            import_deliveries=int(num("BENCH_IMPORT_DELIVERIES", 1000, 200)),
+            import_timeout_seconds=num("BENCH_IMPORT_TIMEOUT_SECONDS", 120, 30),
+            seed_flows=[
+                int(x) for x in env.get("BENCH_SEED_FLOWS", "1000000,10000000").split(",") if x
+            ],
+            variants=[v.strip() for v in chosen.split(",") if v.strip()] if chosen else None,
+            max_rate=int(num("BENCH_MAX_RATE", 5000)),
+            keep=env.get("BENCH_KEEP", "") not in ("", "0"),
+        )
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_tools() -> None:
+    """Install wrk and webhook from Debian when missing (apt-get update once, then install)."""
+    missing = [pkg for tool, pkg in DEBIAN_TOOLS.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        say(f"missing {' '.join(missing)}; run: sudo apt-get install -y {' '.join(missing)}")
+        return
+    say(f"installing {' '.join(missing)} from Debian")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+# --- one variant, one round ---------------------------------------------------------------------
+
+
+def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
+    assert v.start is not None
+    target = v.start(ctx, rdir)
+    server = target.server
+    try:
+        row: dict[str, Any] = {
+            "kind": "http",
+            "ready_s": server.ready_seconds,
+            "notes": list(target.notes),
+        }
+        if s.warmup_seconds > 0:
+            load.wrk(target.url, target.warm, s.warmup_seconds, s.connections)
+        cpu0, t0 = servers.cpu_seconds(server.pid), time.perf_counter()
+        sat = load.wrk(target.url, target.sat, s.saturation_seconds, s.connections)
+        cpu1, t1 = servers.cpu_seconds(server.pid), time.perf_counter()
+        paced = load.paced(target.url, target.paced, s.paced_rate, s.paced_seconds)
+        row["private_mib"] = servers.private_mib(server.pid)
+        if not server.alive():
+            raise RuntimeError(f"{v.key} server died; log tail:\n{server.log_tail()}")
+    finally:
+        server.stop()
+        variants.remove_store(target.store)
+    requests = int(sat["requests"])
+    non2xx = sum(n for st, n in sat["statuses"].items() if not st.startswith("2"))
+    sock_errors = sum(n for k, n in sat["errors"].items() if k != "status")
+    paced_non2xx = sum(n for st, n in paced["statuses"].items() if not st.startswith("2"))
+    row.update(
+        rps=sat["rps"],
+        sat_p50_ms=sat["p50_us"] / 1000,
+        sat_p99_ms=sat["p99_us"] / 1000,
+        paced_p50_ms=paced["p50_ms"],
+        paced_p99_ms=paced["p99_ms"],
+        cpu_ms=(cpu1 - cpu0) * 1000 / requests if requests else None,
+        busy_pct=(cpu1 - cpu0) * 100 / (t1 - t0),
+        errors=non2xx + sock_errors + paced_non2xx + int(paced["errors"]),
+        sat_raw=sat,
+        paced_raw=paced,
+    )
+    _check_path(v.key, row, sat, paced)
+    return row
+
+
+def _check_path(key: str, row: dict[str, Any], sat: dict[str, Any], paced: dict[str, Any]) -> None:
+    """Say so when a run did not measure the path it claims to (wrapped ids, 401s, ...)."""
+    answered = sum(sat["statuses"].values()) or 1
+    if "401" in sat["statuses"]:
+        row["notes"].append(f"{sat['statuses']['401']} answers were 401 (signature rejected)")
+    if key == "app" or key.startswith("idx"):
+        if sat["wraps"]:
+            row["notes"].append("request file wrapped: raise BENCH_MAX_RATE")
+        if sat["duplicate"] > answered * 0.01:
+            row["notes"].append(
+                f"{sat['duplicate'] * 100 / answered:.0f}% duplicate answers under saturation"
+            )
+        if paced["duplicate"]:
+            row["notes"].append(f"{paced['duplicate']} duplicate answers in the paced run")
+    if key == "dup" and sat["accepted"]:
+        row["notes"].append(f"{sat['accepted']} accepted answers on the duplicate path")
+    if paced.get("send_lag_max_ms") and paced["send_lag_max_ms"] > 5:
+        row["notes"].append(
+            f"paced generator was up to {paced['send_lag_max_ms']:.0f} ms late (counted in latency)"
+        )
+
+
+def _find_done(doc: Any, path: str = "") -> list[tuple[str, int]]:
+    found = []
+    if isinstance(doc, dict):
+        for k, val in doc.items():
+            p = f"{path}.{k}" if path else str(k)
+            if k == "done" and isinstance(val, int) and not isinstance(val, bool):
+                found.append((p, val))
+            else:
+                found.extend(_find_done(val, p))
+    elif isinstance(doc, list):
+        for i, val in enumerate(doc):
+            found.extend(_find_done(val, f"{path}[{i}]"))
+    return found
+
+
+def imported_count(ctx: Ctx, admin: int, cfg: Path) -> int | None:
+    """Deliveries in state done: GET /status on the admin listener, else `status --json`."""
+    docs = []
+    got = servers.http_get(admin, "/status")
+    if got and got[0] == 200:
+        try:
+            docs.append(json.loads(got[1]))
+        except ValueError:
+            pass
+    if not docs:
+        argv = [str(ctx.app_exe), "status", "--json", "--config", str(cfg)]
+        done = subprocess.run(
+            ["taskset", "-c", servers.LOAD_CPU, *argv], capture_output=True, text=True, timeout=30
+        )
+        if done.returncode == 0:
+            try:
+                docs.append(json.loads(done.stdout))
+            except ValueError:
+                pass
+    for doc in docs:
+        found = _find_done(doc)
+        found.sort(key=lambda pv: (0 if "inbox" in pv[0] else 1, len(pv[0])))
+        if found:
+            return found[0][1]
+    return None
+
+
+def run_import(ctx: Ctx, s: Settings, rdir: Path) -> dict[str, Any]:
+    store = rdir / "store"
+    server, url, admin, cfg, notes = variants.start_app(ctx, rdir, store, pause=False)
+    try:
+        if imported_count(ctx, admin, cfg) is None:
+            raise NotAvailable("no count of done deliveries in admin /status or `status --json`")
+        n = s.import_deliveries
+        cpu0, t0 = servers.cpu_seconds(server.pid), time.perf_counter()
+        poster = load.once_async(url, ctx.files["import"], concurrency=8)
+        posted: dict[str, Any] | None = None
+        done, t_done = 0, None
+        deadline = t0 + s.import_timeout_seconds
+        while time.perf_counter() < deadline:
+            if posted is None and poster.poll() is not None:
+                out, err = poster.communicate()
+                if poster.returncode != 0:
+                    raise RuntimeError(f"posting failed: {err.strip()[-300:]}")
+                posted = json.loads(out.strip().splitlines()[-1])
+                n = int(posted["accepted"])
+            done = imported_count(ctx, admin, cfg) or 0
+            if posted is not None and done >= n:
+                t_done = time.perf_counter()
+                break
+            time.sleep(0.1)
+        cpu1 = servers.cpu_seconds(server.pid)
+        if posted is None:
+            poster.kill()
+            poster.communicate()
+            raise RuntimeError("posting did not finish in time")
+        elapsed = (t_done or time.perf_counter()) - t0
+        if t_done is None:
+            notes.append(f"only {done}/{n} imported after {s.import_timeout_seconds:.0f} s")
+        row: dict[str, Any] = {
+            "kind": "import",
+            "rps": done / elapsed,
+            "cpu_ms": (cpu1 - cpu0) * 1000 / done if done else None,
+            "busy_pct": (cpu1 - cpu0) * 100 / elapsed,
+            "private_mib": servers.private_mib(server.pid),
+            "ready_s": server.ready_seconds,
+            "errors": sum(v for k, v in posted["statuses"].items() if not k.startswith("2"))
+            + int(posted["errors"]),
+            "notes": notes
+            + [
+                f"{n} deliveries posted at concurrency 8 while importing; "
+                f"all posted after {posted['elapsed_s']:.1f} s, all imported after {elapsed:.1f} s"
+            ],
+        }
+        return row
+    finally:
+        server.stop()
+        variants.remove_store(store)
+
+
+# --- start-up ------------------------------------------------------------------------------------
+
+
+def measure_startup(ctx: Ctx, s: Settings) -> dict[str, dict[str, Any]]:
+    """exec → /readyz 200, on a fresh store each time (bare: exec → first 200, for reference)."""
+    out: dict[str, dict[str, Any]] = {}
+    cases: list[tuple[str, str, Path | None]] = [
+        ("script", "ct-appliance serve (console script)", ctx.app_exe)
+    ]
+    cases.append(("binary", "dist/ct-appliance serve (onefile binary)", ctx.binary))
+    cases.append(("bare", "bare Hypercorn-trio script (reference)", None))
+    for key, label, exe in cases:
+        times: list[float] = []
+        reason = None
+        for i in range(s.startup_runs):
+            rdir = ctx.work / f"startup-{key}-{i}"
+            rdir.mkdir()
+            try:
+                if exe is None:
+                    port = servers.free_port()
+                    argv = [
+                        sys.executable,
+                        str(HERE / "bare_asgi.py"),
+                        "--bind",
+                        f"127.0.0.1:{port}",
+                    ]
+                    server = servers.start("bare", argv, rdir / "server.log", port, "/")
+                else:
+                    if ctx.app_reason:
+                        raise NotAvailable(ctx.app_reason)
+                    if not exe.exists():
+                        raise NotAvailable(f"{variants.rel(exe, ctx.root)} not built (make binary)")
+                    cfg = rdir / "config.yaml"
+                    _, admin = variants.app_config(ctx, cfg, rdir / "store")
+                    server = servers.start(key, [str(exe), "serve", "--config", str(cfg)],
+                                           rdir / "server.log", admin, "/readyz")  # fmt: skip
+                times.append(server.ready_seconds or 0.0)
+                server.stop()
+            except (NotAvailable, servers.StartError) as e:
+                reason = str(e).splitlines()[0]
+                break
+            finally:
+                shutil.rmtree(rdir, ignore_errors=True)
+        if times:
+            out[key] = {"label": label, "median_s": report.median(times), "min_s": min(times),
+                        "max_s": max(times), "runs": len(times)}  # fmt: skip
+        else:
+            out[key] = {"label": label, "unavailable": reason or "not run"}
+    return out
+
+
+# --- the whole run --------------------------------------------------------------------------------
+
+
+def make_files(ctx: Ctx, s: Settings) -> int:
+    secret = ctx.secret.encode()
+    sizes = {
+        "small": 2000,
+        "warm": max(1, s.warmup_seconds) * s.max_rate,
+        "sat": s.saturation_seconds * s.max_rate,
+        "paced": int(s.paced_rate * s.paced_seconds) + 10,
+        "import": s.import_deliveries,
+    }
+    body = 0
+    for name, count in sizes.items():
+        path = ctx.work / f"requests-{name}.txt"
+        body = payloads.write_file(path, count, secret)
+        ctx.files[name] = path
+    return body
+
+
+def main() -> int:
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print(__doc__)
+        return 0
+    s = Settings.from_env()
+    os.sched_setaffinity(0, {int(servers.LOAD_CPU)})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ensure_tools()
+    if shutil.which("wrk") is None:
+        say("wrk is required")
+        return 1
+    results_dir = ROOT / "var" / "bench"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ct-bench-"))
+    ctx = Ctx(
+        root=ROOT,
+        work=work,
+        secret="bench-" + secrets.token_hex(16),
+        files={},
+        app_exe=Path(os.environ.get("BENCH_APP_EXE", ROOT / ".venv" / "bin" / "ct-appliance")),
+        binary=ROOT / "dist" / "ct-appliance",
+        webhook_exe=shutil.which("webhook"),
+    )
+    started = time.time()
+    try:
+        machine = report.machine(ROOT, work, ctx.app_exe)
+        chosen = variants.all_variants(s.seed_flows)
+        if s.variants:
+            chosen = [v for v in chosen if v.key in s.variants]
+        keys = ", ".join(v.key for v in chosen)
+        say(f"work directory {work}; {s.rounds} round(s); variants {keys}")
+        body = make_files(ctx, s)
+        say(f"request files written ({body} byte bodies, 50 flow ids each)")
+        ctx.app_reason = variants.check_app(ctx)
+        if ctx.app_reason:
+            say(f"ct-appliance variants not available: {ctx.app_reason}")
+        ctx.seed_reason = variants.seed_available(ctx)
+        for v in chosen:
+            flows = variants.seeded_flows(v.key, s.seed_flows)
+            if flows is not None:
+                if not ctx.seed_reason:
+                    say(f"seeding a store with {flows:,} flow ids")
+                variants.seed_template(ctx, flows)
+                if flows in ctx.seed_seconds:
+                    say(f"  seeded in {ctx.seed_seconds[flows]:.1f} s")
+        rounds: list[dict[str, dict[str, Any]]] = []
+        reasons: dict[str, str] = {}
+        for r in range(s.rounds):
+            order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]
+            rnd: dict[str, dict[str, Any]] = {}
+            for v in order:
+                if v.key in reasons:
+                    continue
+                rdir = work / f"round{r + 1}-{v.key}"
+                rdir.mkdir()
+                t0 = time.perf_counter()
+                try:
+                    rnd[v.key] = (
+                        run_import(ctx, s, rdir)
+                        if v.kind == "import"
+                        else run_http(ctx, s, v, rdir)
+                    )
+                    row = rnd[v.key]
+                    say(
+                        f"round {r + 1} {v.key}: {row['rps']:,.0f}/s"
+                        + (
+                            f", paced p99 {row['paced_p99_ms']:.1f} ms"
+                            if row.get("paced_p99_ms")
+                            else ""
+                        )
+                        + f" ({time.perf_counter() - t0:.0f} s)"
+                    )
+                except NotAvailable as e:
+                    reasons[v.key] = str(e)
+                    say(f"round {r + 1} {v.key}: not available: {e}")
+                except (
+                    servers.StartError,
+                    load.LoadError,
+                    RuntimeError,
+                    subprocess.SubprocessError,
+                    OSError,
+                ) as e:
+                    rnd[v.key] = {"error": str(e).splitlines()[0][:300], "notes": []}
+                    say(f"round {r + 1} {v.key}: FAILED: {e}")
+            rounds.append(rnd)
+        report.add_ratios(rounds)
+        say("measuring start-up")
+        startup = measure_startup(ctx, s)
+        rows = report.aggregate(chosen, rounds, reasons)
+        text = render(s, machine, rows, startup, ctx, time.time() - started)
+        print(text)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (results_dir / f"results-{stamp}.md").write_text(text)
+        (results_dir / "latest.md").write_text(text)
+        raw = {"settings": s.__dict__, "machine": machine, "rounds": rounds, "rows": rows,
+               "startup": startup, "seed_seconds": ctx.seed_seconds}  # fmt: skip
+        (results_dir / f"results-{stamp}.json").write_text(json.dumps(raw, indent=1, default=str))
+        say(f"saved var/bench/results-{stamp}.md and .json")
+        return 0
+    finally:
+        servers.stop_all()
+        if s.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def render(s: Settings, machine: dict[str, str], rows: list[dict[str, Any]],
+           startup: dict[str, dict[str, Any]], ctx: Ctx, seconds: float) -> str:  # fmt: skip
+    mode = "QUICK (development) run" if s.quick else "full run"
+    lines = [
+        f"## ct-appliance benchmark — {time.strftime('%Y-%m-%d %H:%M %Z')} — {mode}",
+        "",
+        f"Medians of {s.rounds} round(s); saturation: wrk, {s.connections} connections, "
+        f"{s.saturation_seconds} s after a {s.warmup_seconds} s warm-up; paced: "
+        f"{s.paced_rate:.0f} requests/s for {s.paced_seconds:.0f} s, open loop, latency from the "
+        f"scheduled send. Server on CPU {servers.SERVER_CPU}, load on CPU {servers.LOAD_CPU}. "
+        f"Whole run {seconds / 60:.1f} min.",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in machine.items()],
+        "",
+        report.table(rows),
+        "",
+        "× bare: the variant's req/s over the bare server's in the same round (median of rounds). "
+        "CPU ms/req: server process tree utime+stime (children included) over the saturation run / "
+        "requests answered. private MiB: Private_Clean+Private_Dirty (smaps_rollup) after the run. "
+        "ready s: exec to the first /readyz 200 of that variant's servers. "
+        "errors: non-2xx and socket errors, all rounds. "
+        "Import row: deliveries imported per second.",
+        "",
+        report.notes(rows, s.rounds),
+        "",
+        report.startup_table(startup),
+        "",
+    ]
+    if ctx.seed_seconds:
+        lines += [
+            "Seeding (bulk loader, once per run): "
+            + ", ".join(f"{n:,} ids in {t:.1f} s" for n, t in ctx.seed_seconds.items()),
+            "",
+        ]
+    lines += [report.targets(rows, startup), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Starting, probing, measuring and stopping the servers under test.
+
+Every server runs in its own session (process group) pinned to SERVER_CPU with taskset; the load
+generators run on LOAD_CPU. Every process started here is recorded in `_live` and stopped by
+`stop_all()`, which run.py calls in a `finally` and on SIGINT/SIGTERM: a failed run leaves nothing
+behind. Only processes this module started are ever signalled (by their own process group).
+
+CPU and memory are read from /proc: CPU as utime+stime+cutime+cstime summed over the server's
+process tree (so importer children and a onefile bootloader's child count too), memory as
+Private_Clean+Private_Dirty from smaps_rollup summed over the same tree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVER_CPU = "0"
+LOAD_CPU = "1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+_live: list[Server] = []
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(port: int, path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+
+
+def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
+    """Status of GET path on 127.0.0.1:port, or None if nothing answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(_get(port, path))
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    parts = data.split(b" ", 2)
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(_get(port, path))
+            chunks = []
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError:
+        return None
+    data = b"".join(chunks)
+    head, _, body = data.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return int(parts[1]), body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = []
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        body = rest[size + 2 :]
+    return b"".join(out)
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime+cutime+cstime in ticks) of pid, or None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2 :].split()
+    return int(rest[1]), sum(int(x) for x in rest[11:15])
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                children.setdefault(st[0], []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_seconds(root: int) -> float:
+    total = 0
+    for pid in process_tree(root):
+        st = _stat(pid)
+        if st is not None:
+            total += st[1]
+    return total / CLK_TCK
+
+
+def private_mib(root: int) -> float | None:
+    total_kb = 0
+    seen = False
+    for pid in process_tree(root):
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        seen = True
+        for line in text.splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total_kb += int(line.split()[1])
+    return round(total_kb / 1024, 1) if seen else None
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ready_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self in _live:
+            _live.remove(self)
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Anything left in the group (the server or its children) is ours: kill it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+
+
+class StartError(Exception):
+    pass
+
+
+def start(
+    name: str,
+    argv: list[str],
+    log_path: Path,
+    ready_port: int,
+    ready_path: str,
+    need_200: bool = True,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """Exec argv pinned to SERVER_CPU; return once GET ready_path answers (200, or anything)."""
+    log = open(log_path, "ab")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        ["taskset", "-c", SERVER_CPU, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    log.close()
+    server = Server(name, proc, log_path)
+    _live.append(server)
+    deadline = t0 + timeout
+    while time.perf_counter() < deadline:
+        status = http_status(ready_port, ready_path, timeout=0.5)
+        if status is not None and (status == 200 or not need_200):
+            server.ready_seconds = time.perf_counter() - t0
+            return server
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    server.stop()
+    why = "exited" if proc.poll() is not None else f"not ready after {timeout:.0f} s"
+    raise StartError(f"{name} {why}; log tail:\n{server.log_tail()}")
+
+
+def stop_all() -> None:
+    for server in list(_live):
+        server.stop(grace=5.0)
