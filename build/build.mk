@@ -32,9 +32,11 @@ deb: binary
 	@sh packaging/build-deb.sh $(APP_VERSION) dist/ct-appliance $(DEB)
 
 # Debian bookworm booted under systemd-nspawn (root cached under build/cache/); needs root.
+# SIGTERM from timeout makes the test power the container off and delete its root.
 test-system: deb
-	CT_SYSTEM_TEST=1 CT_SYSTEM_DEB=$(DEB) timeout --foreground 900 \
-		$(VENV)/bin/pytest -p no:cacheprovider -o addopts="" --strict-markers -ra -v tests/system
+	@CT_SYSTEM_TEST=1 CT_SYSTEM_DEB=$(DEB) timeout -k 60 900 \
+		$(VENV)/bin/pytest -p no:cacheprovider -o addopts="" --strict-markers -ra -v \
+		tests/system; rc=$$?; cat build/work/system/measurements.txt 2>/dev/null; exit $$rc
 
 security-score:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \

@@ -7,7 +7,7 @@ set -eu
 cache=${1:-build/cache}
 root="$cache/bookworm-root"
 # Bump when the package list below changes, so an old cache is not reused.
-stamp_want="v1"
+stamp_want="v2"
 
 if [ -f "$root/.ct-rootfs" ] && [ "$(cat "$root/.ct-rootfs")" = "$stamp_want" ]; then
     echo "$root"
@@ -42,7 +42,7 @@ echo "rootfs.sh: debootstrap bookworm from $mirror (a few minutes, once)" >&2
 # minbase + systemd as init; curl is the only HTTP client inside (the point is a root
 # without Python, as on a partner's VM).
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,curl,ca-certificates \
+    --include=systemd,systemd-sysv,dbus,procps,curl,ca-certificates \
     bookworm "$tmp" "$mirror" >&2
 
 echo ct-system-test > "$tmp/etc/hostname"
