@@ -1,0 +1,228 @@
+"""The `ct-appliance` command line (spec §7).
+
+Every command takes `--config`, exits 0 ok, 1 failed, 2 usage or config error, and list
+commands take `--json`. Store commands open the LMDB environment directly and are safe while
+the server runs; `status` and `check-config` also ask the running server's admin listener.
+Heavy imports (trio, Quart, Hypercorn) happen only in the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import config as config_mod
+from .errors import ApplianceError, ConfigError
+from .version import version_line
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Failed(Exception):
+    """A command could not do what was asked; the message is for the operator."""
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="config file (default: $CT_APPLIANCE_CONFIG, else /etc/ct-appliance/config.yaml)",
+    )
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ct-appliance",
+        description="Self-hosted receiver for CoinTracker cost-basis webhooks.",
+    )
+    parser.add_argument("--version", action="store_true", help="print version, commit, build date")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, **kw)
+        _add_config(p)
+        return p
+
+    command("serve", "run the appliance")
+    p = command("check-config", "validate the config; show what a reload would change")
+    _add_json(p)
+    p = command("status", "inbox counts, oldest pending, and the live launch-window table")
+    _add_json(p)
+    p.add_argument("--window", default="15m", help="sliding window (default 15m)")
+    p = command("watch", "evaluate the launch-window signals continuously")
+    p.add_argument("--window", default="15m", help="sliding window (default 15m)")
+    p.add_argument("--interval", default="10s", help="time between evaluations (default 10s)")
+    p.add_argument("--once", action="store_true", help="evaluate once; exit 1 past 'investigate'")
+    _add_json(p)
+
+    inbox = command("inbox", "operate the inbox").add_subparsers(dest="action", metavar="ACTION")
+    inbox.required = True
+    p = inbox.add_parser("list", help="list deliveries, newest first")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("--state", choices=["pending", "importing", "done", "dead"])
+    p.add_argument("--limit", type=int, default=50)
+    p = inbox.add_parser("show", help="one delivery with its attempts and their output")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("id", metavar="DELIVERY_ID")
+    p.add_argument("--body", action="store_true", help="also print the stored raw body")
+    p = inbox.add_parser("retry", help="queue dead (or waiting) deliveries for a new attempt")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("ids", metavar="DELIVERY_ID", nargs="*")
+    p.add_argument("--dead", action="store_true", help="retry every dead delivery")
+    p = inbox.add_parser("purge", help="drop bodies and outputs of old imported deliveries")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d")
+    p.add_argument("--include-dead", action="store_true", help="dead deliveries too (final)")
+
+    flows = command("flows", "look up flow ids").add_subparsers(dest="action", metavar="ACTION")
+    flows.required = True
+    p = flows.add_parser("show", help="which delivery brought each flow id, and its state")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("flow_ids", metavar="FLOW_ID", nargs="+")
+
+    runs = command("runs", "pagination view per cost_basis_run_id").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    runs.required = True
+    p = runs.add_parser("list", help="runs, most recently seen first")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("--limit", type=int, default=50)
+    p = runs.add_parser("show", help="one run: pages, new vs duplicate flow ids, first/last seen")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("run_id", metavar="RUN_ID")
+
+    p = command("rebuild-index", "rebuild the flow-id index from the inbox (server stopped)")
+    _add_json(p)
+
+    imp = command("importer", "hold or release importer runs").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    imp.required = True
+    for action, text in (
+        ("pause", "stop new importer runs; deliveries are still accepted and queued"),
+        ("resume", "release importer runs"),
+    ):
+        _add_config(imp.add_parser(action, help=text))
+
+    p = sub.add_parser("send", help="act as CoinTracker: sign, post, retry 5xx like it does")
+    p.add_argument("url")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--secret-file", metavar="F", help="file holding the HMAC secret")
+    auth.add_argument("--token", metavar="T", help="bearer token (JWT)")
+    auth.add_argument("--token-file", metavar="F", help="file holding the bearer token")
+    p.add_argument("--body", metavar="FILE", help="send this body as is")
+    p.add_argument("--flows", type=int, default=50, help="flow ids per page (generated body)")
+    p.add_argument("--pages", type=int, default=1, help="POSTs in one run (generated body)")
+    p.add_argument("--run-id", help="cost_basis_run_id (default: random)")
+    p.add_argument("--header", default="X-Cointracker-Signature", help="HMAC header name")
+    p.add_argument("--retries", type=int, default=5, help="retries on 5xx (default 5)")
+    p.add_argument("--backoff-base-seconds", type=float, default=30.0)
+    p.add_argument("--timeout-seconds", type=float, default=30.0)
+    p.add_argument("--cacert", metavar="F", help="CA bundle for an https URL")
+    _add_json(p)
+    sub.add_parser("gen-secret", help="print a new random 32-byte hex secret")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(version_line())
+        return EXIT_OK
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler = _HANDLERS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except (Failed, ApplianceError) as e:
+        print(f"ct-appliance {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def load(args: argparse.Namespace) -> config_mod.Loaded:
+    return config_mod.load(args.config or config_mod.default_path())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import server
+
+    return server.main(args.config or config_mod.default_path())
+
+
+def _gen_secret(args: argparse.Namespace) -> int:
+    print(secrets.token_hex(32))
+    return EXIT_OK
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        fn: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(f"appliance.{module}"), name
+        )
+        return fn(args)
+
+    return run
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def emit(args: argparse.Namespace, doc: Any, text: Callable[[], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(text())
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve,
+    "check-config": _lazy("cli_ops", "check_config"),
+    "status": _lazy("cli_ops", "status"),
+    "watch": _lazy("cli_ops", "watch"),
+    "inbox": _lazy("cli_store", "inbox"),
+    "flows": _lazy("cli_store", "flows"),
+    "runs": _lazy("cli_store", "runs"),
+    "rebuild-index": _lazy("cli_store", "rebuild_index"),
+    "importer": _lazy("cli_store", "importer"),
+    "send": _lazy("sender", "main"),
+    "gen-secret": _gen_secret,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The dispatcher: runs the importer for stored deliveries, FIFO, `importer.concurrency` at once.
+
+One task in the server's nursery. It never holds state the store does not also hold: a seq is
+marked `importing` in a commit before its attempt starts, and the attempt's result (and, for a
+success, the delivery becoming `done`) is committed in one transaction after it ends. A crash in
+between leaves the record `importing`; at the next start `recover_txn` returns it to pending and
+it is re-run with the same delivery id and the next attempt number (counted as a rerun).
+
+It wakes when a delivery is accepted, when an attempt ends, when a backoff expires, and at least
+once a second so that `inbox retry` and `importer pause|resume` from the CLI take effect within 2 s.
+`ack: imported` requests wait here (`wait_imported`) for the outcome of the deliveries they need.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .config import ImporterConfig
+from .importer import Attempt, AttemptResult, make_attempt, retry_delay
+from .inbox import rfc3339
+from .lifecycle import Transitions
+from .logs import fields
+from .payload import importer_document
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("ct_appliance.importer")
+
+POLL_SECONDS = 1.0
+PRUNE_EVERY_SECONDS = 3600.0
+
+
+class _Waiter:
+    def __init__(self, seqs: set[int]) -> None:
+        self.remaining = set(seqs)
+        self.outcome: str | None = None
+        self.event = trio.Event()
+
+    def resolve(self, seq: int, state: str) -> None:
+        if self.outcome is not None:
+            return
+        if state == "done":
+            self.remaining.discard(seq)
+            if not self.remaining:
+                self.outcome = "done"
+        elif state == "dead":
+            self.outcome = "dead: importer rejected the delivery"
+        else:
+            self.outcome = "importer failed; will retry"
+        if self.outcome is not None:
+            self.event.set()
+
+
+class Dispatcher:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.tr = Transitions(rt.inbox)
+        self.cfg: ImporterConfig = rt.live.config.importer
+        self.attempt: Attempt = make_attempt(self.cfg)
+        self.paused = False
+        self.running: dict[int, trio.CancelScope] = {}
+        self._wakeup = trio.Event()
+        self._stopping = False
+        self._idle = trio.Event()
+        self._waiters: dict[int, list[_Waiter]] = {}
+        self._last_prune = 0.0
+
+    # -- control ----------------------------------------------------------------------------
+    def notify(self) -> None:
+        self._wakeup.set()
+
+    def reconfigure(self, cfg: ImporterConfig) -> None:
+        """New attempts use the new settings; running attempts finish under the old ones."""
+        self.cfg = cfg
+        self.attempt = make_attempt(cfg)
+        self.notify()
+
+    async def stop(self, grace: float) -> None:
+        """Start nothing new; give running attempts `grace` seconds, then kill them."""
+        self._stopping = True
+        self.notify()
+        if self.running:
+            log.info("waiting for running imports", extra=fields(running=len(self.running)))
+            with trio.move_on_after(grace):
+                while self.running:
+                    await self._idle.wait()
+            for scope in self.running.values():
+                scope.cancel()
+            while self.running:
+                await self._idle.wait()
+
+    # -- main loop --------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        committer = self.rt.committer
+        rerun = await committer.submit(lambda txn: self.tr.recover_txn(txn, time.time()))
+        for _ in rerun:
+            self.rt.metrics.import_reruns.inc()
+        if rerun:
+            log.warning(
+                "re-running deliveries interrupted by a stop or crash",
+                extra=fields(deliveries=len(rerun)),
+            )
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while not self._stopping:
+                wake = await self._tick(nursery)
+                delay = (
+                    POLL_SECONDS
+                    if wake is None
+                    else max(0.0, min(POLL_SECONDS, wake - time.time()))
+                )
+                with trio.move_on_after(delay):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                await trio.sleep(0.002)  # let a burst of accepted deliveries land in one look
+
+    async def _tick(self, nursery: trio.Nursery) -> float | None:
+        store = self.rt.store
+        state = await trio.to_thread.run_sync(store.read, self.tr.paused_txn)
+        if state["paused"] != self.paused:
+            self.paused = bool(state["paused"])
+            log.warning(
+                "importer paused" if self.paused else "importer resumed", extra=fields(**state)
+            )
+        await self._maybe_prune()
+        free = self.cfg.concurrency - len(self.running)
+        if self.paused or free <= 0 or self._stopping:
+            return None
+        exclude = set(self.running)
+        now = time.time()
+        ready, wake = await trio.to_thread.run_sync(
+            store.read, lambda txn: self.tr.ready_txn(txn, now, free, exclude)
+        )
+        for seq in ready:
+            started = await self.rt.committer.submit(
+                functools.partial(self.tr.start_txn, seq=seq, now=time.time())
+            )
+            if started is None:
+                continue
+            scope = trio.CancelScope()
+            self.running[seq] = scope
+            nursery.start_soon(self._run_attempt, seq, started[0], started[1], scope)
+        return wake
+
+    async def _run_attempt(
+        self, seq: int, rec: dict[str, Any], body: bytes, scope: trio.CancelScope
+    ) -> None:
+        attempt_no = len(rec["attempts"])
+        cfg, attempt = self.cfg, self.attempt
+        try:
+            try:
+                doc = importer_document(
+                    body,
+                    delivery_id=rec["delivery_id"],
+                    attempt=attempt_no,
+                    received_at=rfc3339(rec["received_at"]),
+                    new_flow_ids=rec["flows"],
+                )
+            except (ValueError, KeyError) as e:
+                result = AttemptResult("dead", f"stored body unreadable: {e}", 0.0)
+            else:
+                with scope:
+                    result = await attempt(doc)
+                if scope.cancelled_caught:
+                    await self.rt.committer.submit(
+                        lambda txn: self.tr.interrupt_txn(
+                            txn, seq, time.time(), "interrupted: appliance stopping"
+                        )
+                    )
+                    log.warning(
+                        "import interrupted by shutdown; stays pending",
+                        extra=fields(delivery_id=rec["delivery_id"], attempt=attempt_no),
+                    )
+                    return
+            delay = retry_delay(result, attempt_no, cfg)
+            state = await self.rt.committer.submit(
+                lambda txn: self.tr.finish_txn(
+                    txn,
+                    seq,
+                    outcome=result.outcome,
+                    summary=result.summary,
+                    duration=result.duration,
+                    output=result.output,
+                    now=time.time(),
+                    max_attempts=cfg.max_attempts,
+                    retry_in=delay,
+                )
+            )
+            metric = {"done": "success", "dead": "dead"}.get(state, "retry")
+            self.rt.metrics.imported(metric, result.duration)
+            level = logging.INFO if state == "done" else logging.WARNING
+            log.log(
+                level,
+                "import attempt",
+                extra=fields(
+                    delivery_id=rec["delivery_id"],
+                    attempt=attempt_no,
+                    result=result.summary,
+                    state=state,
+                    duration_ms=round(result.duration * 1000, 1),
+                    flows=len(rec["flows"]),
+                    retry_in_seconds=round(delay, 1) if state == "pending" else None,
+                    stderr_tail=result.output.get("stderr", "")[-2048:] or None,
+                ),
+            )
+            for waiter in self._waiters.get(seq, []):
+                waiter.resolve(seq, state)
+        finally:
+            del self.running[seq]
+            self._idle.set()
+            self._idle = trio.Event()
+            self.notify()
+
+    async def _maybe_prune(self) -> None:
+        now = time.time()
+        if now - self._last_prune < PRUNE_EVERY_SECONDS:
+            return
+        self._last_prune = now
+        cutoff = now - self.rt.live.config.store.retention_days * 86400
+        pruned = await self.rt.committer.submit(lambda txn: self.tr.prune_txn(txn, cutoff))
+        if pruned:
+            log.info("retention pruned bodies of imported deliveries", extra=fields(count=pruned))
+
+    # -- ack: imported ----------------------------------------------------------------------
+    async def wait_imported(self, seqs: set[int], bound: float) -> str:
+        """'done' once every seq is imported; otherwise why not, at the first failure or bound."""
+        waiter = _Waiter(seqs)
+        for seq in seqs:
+            self._waiters.setdefault(seq, []).append(waiter)
+        try:
+            self.notify()
+            states = await trio.to_thread.run_sync(
+                self.rt.store.read, lambda txn: self._states(txn, seqs)
+            )
+            for seq, state in states.items():
+                if state in ("done", "dead"):
+                    waiter.resolve(seq, state)
+            with trio.move_on_after(bound):
+                await waiter.event.wait()
+            return waiter.outcome or f"not imported within {bound:g} s"
+        finally:
+            for seq in seqs:
+                lst = self._waiters.get(seq, [])
+                if waiter in lst:
+                    lst.remove(waiter)
+                if not lst:
+                    self._waiters.pop(seq, None)
+
+    def _states(self, txn: Any, seqs: set[int]) -> dict[int, str]:
+        out = {}
+        for seq in seqs:
+            rec = self.rt.inbox.record_txn(txn, seq)
+            out[seq] = rec["state"] if rec else "missing"
+        return out

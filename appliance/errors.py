@@ -1,0 +1,107 @@
+"""The error hierarchy: every failure a sender or an operator can see, with its meaning.
+
+    ApplianceError
+    ├── HTTPError                  answered to a sender as {"error": code, "message": text}
+    │   ├── NotFound               404 not_found
+    │   ├── MethodNotAllowed       405 method_not_allowed
+    │   ├── Unavailable            503 unavailable       (draining, store unavailable)
+    │   ├── PayloadTooLarge        413 too_large
+    │   ├── BodyTimeout            503 body_timeout
+    │   ├── Unauthorized           401 unauthorized
+    │   ├── InvalidJSON            400 invalid_json
+    │   ├── InvalidPayload         400 invalid_payload
+    │   ├── InjectedFailure        500 injected_failure  (staging retry drill)
+    │   ├── ImportFailed           500 import_failed     (ack: imported)
+    │   └── Internal               500 internal
+    ├── ConfigError                an operator's config file is wrong (file:line: key: why)
+    ├── KeyLoadError               bearer keys could not be loaded (file, URL, PEM)
+    └── StoreError                 the LMDB store cannot do what was asked
+        └── StoreFull              disk or map full: writes answer 503 until space is freed
+
+The `code` of an HTTPError is also the `outcome` label of ct_appliance_requests_total.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose."""
+
+
+class HTTPError(ApplianceError):
+    status = 500
+    code = "internal"
+    retry_after: int | None = None
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.code, "message": self.message}).encode()
+
+
+class NotFound(HTTPError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(HTTPError):
+    status, code = 405, "method_not_allowed"
+
+
+class Unavailable(HTTPError):
+    status, code, retry_after = 503, "unavailable", 5
+
+
+class PayloadTooLarge(HTTPError):
+    status, code = 413, "too_large"
+
+
+class BodyTimeout(HTTPError):
+    status, code, retry_after = 503, "body_timeout", 1
+
+
+class Unauthorized(HTTPError):
+    status, code = 401, "unauthorized"
+
+
+class InvalidJSON(HTTPError):
+    status, code = 400, "invalid_json"
+
+
+class InvalidPayload(HTTPError):
+    status, code = 400, "invalid_payload"
+
+
+class InjectedFailure(HTTPError):
+    status, code = 500, "injected_failure"
+
+
+class ImportFailed(HTTPError):
+    status, code = 500, "import_failed"
+
+
+class Internal(HTTPError):
+    status, code = 500, "internal"
+
+
+class ConfigError(ApplianceError):
+    """One or more problems in a config file; each line names file, line and key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class KeyLoadError(ApplianceError):
+    """No usable verification key could be loaded."""
+
+
+class StoreError(ApplianceError):
+    """The store failed in a way that is not the caller's fault."""
+
+
+class StoreFull(StoreError):
+    """No space left (disk full, or a map that cannot grow): writes fail, reads still work."""

@@ -1,0 +1,193 @@
+"""The webhook listener: a Quart-trio app whose webhook route is a thin ASGI adapter.
+
+The webhook path is served by `WebhookEndpoint`, installed as the Quart app's ASGI middleware
+(`app.asgi_app`), because the request path is where throughput is won: it reads the body as a
+stream (so the size limit holds for a lying Content-Length or a chunked body, and the body
+timeout is one cancel scope), and runs the checks of spec §4 in their order:
+
+    path/method -> draining/store -> size -> body timeout -> auth -> JSON -> shape
+    -> retry drill -> durable group commit -> (ack: imported: wait for the import) -> answer
+
+Everything else on this listener goes to Quart, which answers 404 in the same JSON error shape.
+An unauthenticated body is never parsed, stored or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+from quart import Quart, jsonify
+from quart_trio import QuartTrio
+
+from . import errors, payload
+from .auth import AuthFailure
+from .errors import HTTPError
+from .inbox import Accepted, Incoming
+from .logs import fields
+from .runtime import Runtime
+
+log = logging.getLogger("ct_appliance.webhook")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_JSON = (b"content-type", b"application/json")
+_DUPLICATE = b'{"status":"duplicate"}'
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class WebhookEndpoint:
+    def __init__(self, fallback: ASGIApp, rt: Runtime) -> None:
+        self.fallback = fallback
+        self.rt = rt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.rt.live.config.webhook.path:
+            await self.fallback(scope, receive, send)
+            return
+        started = time.perf_counter()
+        live = self.rt.live  # one config for the whole request, even across a reload
+        info: dict[str, Any] = {}
+        try:
+            status, body, outcome = await self._handle(scope, receive, live, info)
+            headers = [_JSON]
+        except HTTPError as e:
+            status, body, outcome = e.status, e.body(), e.code
+            headers = [_JSON]
+            if e.retry_after is not None:
+                headers.append((b"retry-after", str(e.retry_after).encode()))
+            if isinstance(e, errors.Unauthorized) and live.verifier.mode == "bearer":
+                headers.append((b"www-authenticate", b'Bearer error="invalid_token"'))
+            if isinstance(e, errors.PayloadTooLarge | errors.BodyTimeout):
+                headers.append((b"connection", b"close"))
+            if isinstance(e, errors.MethodNotAllowed):
+                headers.append((b"allow", b"POST"))
+        except _Disconnected:
+            return
+        except Exception:
+            log.exception("unexpected error while handling a delivery")
+            err = errors.Internal("unexpected error; see the appliance log")
+            status, body, outcome, headers = err.status, err.body(), err.code, [_JSON]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        seconds = time.perf_counter() - started
+        self.rt.metrics.request(outcome, status, seconds)
+        log.info(
+            "delivery",
+            extra=fields(
+                outcome=outcome,
+                status=status,
+                latency_ms=round(seconds * 1000, 2),
+                **info,
+            ),
+        )
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, live: Any, info: dict[str, Any]
+    ) -> tuple[int, bytes, str]:
+        rt, cfg = self.rt, live.config
+        if scope["method"] != "POST":
+            raise errors.MethodNotAllowed("only POST is accepted here")
+        if rt.draining:
+            raise errors.Unavailable("shutting down; retry later")
+        if not rt.store.available:
+            raise errors.Unavailable("store unavailable; retry later")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = cfg.webhook.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise errors.PayloadTooLarge(f"body larger than {limit} bytes")
+        body = await _read_body(receive, limit, cfg.webhook.body_timeout_seconds)
+
+        try:
+            await live.verifier.verify(headers, body)
+        except AuthFailure as e:
+            rt.metrics.signature_failures.labels(live.verifier.mode).inc()
+            info["auth_failure"] = e.reason
+            raise errors.Unauthorized("authentication failed") from None
+
+        delivery = payload.parse(body)
+        info["cost_basis_run_id"] = delivery.cost_basis_run_id
+        if rt.drill_remaining > 0:
+            rt.drill_remaining -= 1
+            raise errors.InjectedFailure(
+                f"retry drill: testing.fail_first_deliveries ({rt.drill_remaining} left)"
+            )
+        imported_ack = cfg.ack == "imported"
+        item = Incoming(delivery, body, time.time(), want_owners=imported_ack)
+        try:
+            result: Accepted = await rt.committer.submit(lambda txn: rt.inbox.accept_txn(txn, item))
+        except errors.StoreError as e:
+            raise errors.Unavailable(f"store unavailable: {e}") from None
+        if result.status == "accepted" and rt.dispatcher is not None:
+            rt.dispatcher.notify()
+        rt.metrics.flow_ids.labels("new").inc(result.new)
+        rt.metrics.flow_ids.labels("duplicate").inc(result.duplicate)
+        info.update(delivery_id=result.delivery_id, flows_new=result.new)
+        info["flows_duplicate"] = result.duplicate
+        if imported_ack:
+            await self._wait_imported(result, cfg.webhook.imported_wait_seconds)
+        if result.status == "duplicate":
+            return 200, _DUPLICATE, "duplicate"
+        answer = {"status": "accepted", "delivery_id": result.delivery_id}
+        return 200, json.dumps(answer).encode(), "accepted"
+
+    async def _wait_imported(self, result: Accepted, bound: float) -> None:
+        dispatcher = self.rt.dispatcher
+        if dispatcher is None:
+            raise errors.ImportFailed("no importer is running")
+        seqs = set(result.owners)
+        if result.seq is not None:
+            seqs.add(result.seq)
+        if not seqs:
+            return
+        outcome = await dispatcher.wait_imported(seqs, bound)
+        if outcome != "done":
+            raise errors.ImportFailed(
+                f"import not confirmed: {outcome}; stored and retried locally"
+            )
+
+
+async def _read_body(receive: Receive, limit: int, seconds: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    with trio.move_on_after(seconds):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise errors.PayloadTooLarge(f"body larger than {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    raise errors.BodyTimeout(f"body not complete within {seconds:g} s; retry")
+
+
+def create_app(rt: Runtime) -> Quart:
+    app = QuartTrio("ct_appliance")
+
+    @app.errorhandler(404)
+    async def not_found(_: Exception) -> Any:
+        return jsonify(error="not_found", message="no such path"), 404
+
+    @app.errorhandler(405)
+    async def not_allowed(_: Exception) -> Any:
+        return jsonify(error="method_not_allowed", message="method not allowed"), 405
+
+    app.asgi_app = WebhookEndpoint(app.asgi_app, rt)  # type: ignore[method-assign, assignment, arg-type]
+    return app

@@ -1,0 +1,188 @@
+"""How one importer attempt runs, and what its result means (spec §6).
+
+Two attempt kinds share one result type and one dispatcher (dispatcher.py):
+
+* `CommandAttempt` runs ``importer.command`` (argv, no shell) in a new session, writes the
+  importer document to stdin, keeps the last 64 KiB of stdout and stderr, and on the timeout
+  kills the whole process group (TERM, then KILL). After the importer exits, what is left of its
+  process group is killed too, so a forked child cannot outlive its attempt.
+* `HttpAttempt` (httpattempt.py) POSTs the same document to ``importer.url``.
+
+Outcomes: "success" (exit 0 / 2xx), "dead" (exit 65 EX_DATAERR / 4xx other than 408 and 429),
+"retry" (anything else). `backoff()` is the retry schedule; it is a plain function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from .config import ImporterConfig
+
+TAIL_BYTES = 64 * 1024
+EX_DATAERR = 65
+_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
+
+
+@dataclass
+class AttemptResult:
+    outcome: str  # success | retry | dead
+    summary: str  # one line for tables and logs: "exit 0", "killed after 30 s", "HTTP 503"
+    duration: float
+    output: dict[str, str] = field(default_factory=dict)
+    retry_after: float | None = None
+
+
+class Attempt(Protocol):
+    async def __call__(self, doc: dict[str, Any]) -> AttemptResult: ...
+
+
+def backoff(attempt: int, cfg: ImporterConfig, rng: random.Random | None = None) -> float:
+    """Delay before attempt `attempt + 1`: exponential from backoff_initial_seconds, capped at
+    backoff_max_seconds, with jitter drawn from the top quarter so it never drops below 75 %."""
+    base = min(cfg.backoff_max_seconds, cfg.backoff_initial_seconds * 2 ** max(0, attempt - 1))
+    return float(base * (rng or random).uniform(0.75, 1.0))
+
+
+def retry_delay(result: AttemptResult, attempt: int, cfg: ImporterConfig) -> float:
+    delay = backoff(attempt, cfg)
+    if result.retry_after is not None:
+        delay = max(delay, result.retry_after)
+    return min(delay, cfg.backoff_max_seconds)
+
+
+def importer_env(cfg: ImporterConfig, doc: dict[str, Any]) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(cfg.env)
+    env.update(
+        CT_DELIVERY_ID=doc["delivery_id"],
+        CT_ATTEMPT=str(doc["attempt"]),
+        CT_COST_BASIS_RUN_ID=doc["cost_basis_run_id"],
+        CT_GHOST_USER_ID=doc["ghost_user_id"],
+        CT_FLOW_COUNT=str(len(doc["flow_ids"])),
+    )
+    return env
+
+
+class _Tail:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk
+        if len(self.data) > 2 * TAIL_BYTES:
+            del self.data[: len(self.data) - TAIL_BYTES]
+
+    def text(self) -> str:
+        kept = bytes(self.data[-TAIL_BYTES:])
+        prefix = f"[... {self.total - len(kept)} bytes cut ...]\n" if self.total > len(kept) else ""
+        return prefix + kept.decode("utf-8", "replace")
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class CommandAttempt:
+    def __init__(self, cfg: ImporterConfig) -> None:
+        assert cfg.command is not None
+        self.cfg = cfg
+        self.argv = list(cfg.command)
+
+    async def __call__(self, doc: dict[str, Any]) -> AttemptResult:
+        started = time.monotonic()
+        stdin = json.dumps(doc).encode()
+        try:
+            proc = await trio.lowlevel.open_process(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=importer_env(self.cfg, doc),
+                start_new_session=True,
+            )
+        except OSError as e:
+            return AttemptResult(
+                "retry", f"cannot start {self.argv[0]}: {e.strerror}", time.monotonic() - started
+            )
+        out, err = _Tail(), _Tail()
+        timed_out = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_feed, proc.stdin, stdin)
+                nursery.start_soon(_drain, proc.stdout, out)
+                nursery.start_soon(_drain, proc.stderr, err)
+                with trio.move_on_after(self.cfg.timeout_seconds) as scope:
+                    await proc.wait()
+                if scope.cancelled_caught:
+                    timed_out = True
+                    await _terminate_group(proc)
+                # Whatever the importer forked is killed with its group, closing the pipes;
+                # a process that left the group cannot hold the attempt open past 2 s.
+                _killpg(proc.pid, signal.SIGKILL)
+                nursery.cancel_scope.deadline = trio.current_time() + 2.0
+        finally:
+            if proc.returncode is None:
+                _killpg(proc.pid, signal.SIGKILL)
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+        duration = time.monotonic() - started
+        output = {"stdout": out.text(), "stderr": err.text()}
+        code = proc.returncode
+        if timed_out:
+            summary = f"timed out after {self.cfg.timeout_seconds:g} s; process group killed"
+            return AttemptResult("retry", summary, duration, output)
+        if code == 0:
+            return AttemptResult("success", "exit 0", duration, output)
+        if code == EX_DATAERR:
+            return AttemptResult("dead", "exit 65 (EX_DATAERR: permanent)", duration, output)
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return AttemptResult("retry", f"killed by signal {name}", duration, output)
+        return AttemptResult("retry", f"exit {code}", duration, output)
+
+
+async def _terminate_group(proc: trio.Process) -> None:
+    _killpg(proc.pid, signal.SIGTERM)
+    with trio.move_on_after(2.0):
+        await proc.wait()
+    _killpg(proc.pid, signal.SIGKILL)
+
+
+async def _feed(stream: Any, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the importer closed stdin early; its exit status says what happened
+    finally:
+        await stream.aclose()
+
+
+async def _drain(stream: Any, tail: _Tail) -> None:
+    try:
+        while chunk := await stream.receive_some(65536):
+            tail.add(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def make_attempt(cfg: ImporterConfig) -> Attempt:
+    if cfg.url is not None:
+        from .httpattempt import HttpAttempt
+
+        return HttpAttempt(cfg)
+    return CommandAttempt(cfg)

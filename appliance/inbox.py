@@ -1,0 +1,327 @@
+"""The write-ahead inbox and the flow-id index: what a record is and how it moves.
+
+Theory of operation
+-------------------
+Sub-databases of the one LMDB environment (see store.py):
+
+    deliveries  seq (8 bytes, big-endian)  -> delivery record (JSON)
+    bodies      seq                        -> raw body bytes, exactly as received and verified
+    attempts    seq + attempt (4 bytes)    -> captured output of one importer attempt
+    flows       flow key                   -> seq of the delivery that claimed the flow id
+    queue       seq                        -> (next attempt time, importing flag) while the
+                                              delivery is pending or importing
+    dead        seq                        -> b"" while the delivery is dead
+    done        done time (ms) + seq       -> b"" until retention prunes the body
+    runs        run key                    -> per cost_basis_run_id record (JSON)
+    state       name                       -> store-wide values (instance id, importer paused)
+
+* `seq` grows by one per stored delivery and gives FIFO order. The delivery id shown to users
+  and importers is ``<instance>-<seq>``, where the instance id is drawn once when the store is
+  created, so ids never repeat even if a store is wiped and recreated.
+* Accepting a delivery is ONE operation of the group commit: for every distinct flow id of the
+  body, ``put(flow key, seq, overwrite=False)`` claims it if nobody has (one C call answers
+  "was it new"). If at least one was new, the record, the body and a queue entry are written in
+  the same transaction; otherwise nothing but the run record changes and the answer is
+  `duplicate`. Because one writer runs these in commit order, two overlapping deliveries can
+  never both claim a flow id, and the answer is exact.
+* Only the new flow ids are kept in the record: they are exactly what the importer must see,
+  and replaying records in seq order (`rebuild_index`) re-derives the flow index exactly.
+* Flow keys: ``=`` + UTF-8 bytes, or ``#`` + SHA-256 of them when longer than LMDB's key limit.
+* A delivery is done (imported) or dead only through the importer's commits; its flow ids stay
+  claimed forever, even after retention prunes its body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .payload import Delivery
+from .store import Store, Txn
+
+MAX_RAW_KEY = 480
+STATES = ("pending", "importing", "done", "dead")
+
+
+def seq_key(seq: int) -> bytes:
+    return struct.pack(">Q", seq)
+
+
+def key_seq(key: bytes) -> int:
+    return int(struct.unpack(">Q", key)[0])
+
+
+def flow_key(flow_id: str) -> bytes:
+    raw = flow_id.encode()
+    if len(raw) <= MAX_RAW_KEY:
+        return b"=" + raw
+    return b"#" + hashlib.sha256(raw).digest()
+
+
+run_key = flow_key
+
+
+def queue_value(next_at: float, importing: bool) -> bytes:
+    return struct.pack(">dB", next_at, importing)
+
+
+def parse_queue_value(raw: bytes) -> tuple[float, bool]:
+    next_at, importing = struct.unpack(">dB", raw)
+    return float(next_at), bool(importing)
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def instance_id(store: Store) -> str:
+    """The store's instance id, created on first use."""
+
+    def get_or_make(txn: Txn) -> str:
+        value = txn.get(b"instance", db=store.dbs.state)
+        if value is None:
+            value = os.urandom(4).hex().encode()
+            txn.put(b"instance", value, db=store.dbs.state)
+        return str(value.decode())
+
+    found = store.read(lambda txn: txn.get(b"instance", db=store.dbs.state))
+    return found.decode() if found is not None else store.write(get_or_make)
+
+
+def delivery_id(instance: str, seq: int) -> str:
+    return f"{instance}-{seq:010d}"
+
+
+def parse_delivery_id(text: str) -> int | None:
+    _, _, num = text.rpartition("-")
+    return int(num) if num.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    delivery: Delivery
+    body: bytes
+    received_at: float
+    want_owners: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    status: str  # "accepted" | "duplicate"
+    delivery_id: str | None
+    seq: int | None
+    new: int
+    duplicate: int
+    owners: frozenset[int] = field(default_factory=frozenset)
+
+
+class Inbox:
+    """Transaction bodies over one Store. Methods named `*_txn` run inside a given txn."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dbs = store.dbs
+        self.instance = instance_id(store)
+
+    def delivery_id_of(self, seq: int) -> str:
+        return delivery_id(self.instance, seq)
+
+    # -- intake -----------------------------------------------------------------------------
+    def accept_txn(self, txn: Txn, item: Incoming) -> Accepted:
+        dbs = self.dbs
+        with txn.cursor(db=dbs.deliveries) as cur:
+            seq = key_seq(cur.key()) + 1 if cur.last() else 1
+        skey = seq_key(seq)
+        new: list[str] = []
+        owners: set[int] = set()
+        put, get, flows = txn.put, txn.get, dbs.flows
+        for flow_id in item.delivery.flow_ids:
+            key = flow_key(flow_id)
+            if put(key, skey, overwrite=False, db=flows):
+                new.append(flow_id)
+            elif item.want_owners:
+                owners.add(key_seq(get(key, db=flows)))
+        d = item.delivery
+        dup = len(d.flow_ids) - len(new)
+        self._count_run_txn(txn, d, item.received_at, len(new), dup)
+        if not new:
+            return Accepted("duplicate", None, None, 0, dup, frozenset(owners))
+        record = {
+            "seq": seq,
+            "received_at": item.received_at,
+            "run": d.cost_basis_run_id,
+            "user": d.ghost_user_id,
+            "state": "pending",
+            "flows": new,
+            "duplicate_flows": dup,
+            "in_body_duplicates": d.in_body_duplicates,
+            "body_bytes": len(item.body),
+            "attempts": [],
+            "next_at": item.received_at,
+            "reruns": 0,
+        }
+        txn.put(skey, json.dumps(record, separators=(",", ":")).encode(), db=dbs.deliveries)
+        txn.put(skey, item.body, db=dbs.bodies)
+        txn.put(skey, queue_value(item.received_at, False), db=dbs.queue)
+        return Accepted(
+            "accepted", delivery_id(self.instance, seq), seq, len(new), dup, frozenset(owners)
+        )
+
+    def _count_run_txn(self, txn: Txn, d: Delivery, now: float, new: int, dup: int) -> None:
+        key = run_key(d.cost_basis_run_id)
+        raw = txn.get(key, db=self.dbs.runs)
+        if raw is None:
+            run: dict[str, Any] = {
+                "run_id": d.cost_basis_run_id,
+                "ghost_user_id": d.ghost_user_id,
+                "pages": 0,
+                "accepted_pages": 0,
+                "duplicate_pages": 0,
+                "flows_new": 0,
+                "flows_duplicate": 0,
+                "first_seen": now,
+            }
+        else:
+            run = json.loads(raw)
+        run["pages"] += 1
+        run["accepted_pages" if new else "duplicate_pages"] += 1
+        run["flows_new"] += new
+        run["flows_duplicate"] += dup
+        run["last_seen"] = now
+        txn.put(key, json.dumps(run, separators=(",", ":")).encode(), db=self.dbs.runs)
+
+    # -- records ----------------------------------------------------------------------------
+    def record_txn(self, txn: Txn, seq: int) -> dict[str, Any] | None:
+        raw = txn.get(seq_key(seq), db=self.dbs.deliveries)
+        if raw is None:
+            return None
+        rec: dict[str, Any] = json.loads(raw)
+        rec["delivery_id"] = delivery_id(self.instance, seq)
+        return rec
+
+    def put_record_txn(self, txn: Txn, rec: dict[str, Any]) -> None:
+        body = {k: v for k, v in rec.items() if k != "delivery_id"}
+        txn.put(
+            seq_key(rec["seq"]),
+            json.dumps(body, separators=(",", ":")).encode(),
+            db=self.dbs.deliveries,
+        )
+
+    def body_txn(self, txn: Txn, seq: int) -> bytes | None:
+        raw = txn.get(seq_key(seq), db=self.dbs.bodies)
+        return bytes(raw) if raw is not None else None
+
+    def find(self, id_or_seq: str) -> int | None:
+        seq = parse_delivery_id(id_or_seq)
+        if seq is None:
+            return None
+        exists = self.store.read(lambda txn: txn.get(seq_key(seq), db=self.dbs.deliveries))
+        return seq if exists is not None else None
+
+    def records(
+        self, *, state: str | None = None, limit: int = 50, newest_first: bool = True
+    ) -> list[dict[str, Any]]:
+        def scan(txn: Txn) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            db = {"pending": self.dbs.queue, "importing": self.dbs.queue, "dead": self.dbs.dead}
+            source = db.get(state or "", self.dbs.deliveries)
+            with txn.cursor(db=source) as cur:
+                ok = cur.last() if newest_first else cur.first()
+                while ok and len(out) < limit:
+                    rec = self.record_txn(txn, key_seq(cur.key()))
+                    if rec is not None and (state is None or rec["state"] == state):
+                        out.append(rec)
+                    ok = cur.prev() if newest_first else cur.next()
+            return out
+
+        return self.store.read(scan)
+
+    def counts(self) -> dict[str, Any]:
+        def count(txn: Txn) -> dict[str, Any]:
+            total = txn.stat(self.dbs.deliveries)["entries"]
+            queued = txn.stat(self.dbs.queue)["entries"]
+            dead = txn.stat(self.dbs.dead)["entries"]
+            importing = 0
+            oldest: float | None = None
+            with txn.cursor(db=self.dbs.queue) as cur:
+                for key, raw in cur:
+                    importing += parse_queue_value(raw)[1]
+                    if oldest is None:
+                        rec = self.record_txn(txn, key_seq(key))
+                        oldest = rec["received_at"] if rec else None
+            return {
+                "pending": queued - importing,
+                "importing": importing,
+                "done": total - queued - dead,
+                "dead": dead,
+                "total": total,
+                "flows": txn.stat(self.dbs.flows)["entries"],
+                "runs": txn.stat(self.dbs.runs)["entries"],
+                "oldest_pending_at": oldest,
+            }
+
+        return self.store.read(count)
+
+    # -- flows and runs ---------------------------------------------------------------------
+    def flows(self, flow_ids: list[str]) -> list[dict[str, Any]]:
+        def look(txn: Txn) -> list[dict[str, Any]]:
+            out = []
+            for fid in flow_ids:
+                owner = txn.get(flow_key(fid), db=self.dbs.flows)
+                if owner is None:
+                    out.append({"flow_id": fid, "known": False})
+                    continue
+                rec = self.record_txn(txn, key_seq(owner)) or {}
+                out.append(
+                    {
+                        "flow_id": fid,
+                        "known": True,
+                        "delivery_id": delivery_id(self.instance, key_seq(owner)),
+                        "state": rec.get("state", "unknown"),
+                        "received_at": rec.get("received_at"),
+                        "imported_at": rec.get("done_at") if rec.get("state") == "done" else None,
+                        "cost_basis_run_id": rec.get("run"),
+                    }
+                )
+            return out
+
+        return self.store.read(look)
+
+    def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        def scan(txn: Txn) -> list[dict[str, Any]]:
+            with txn.cursor(db=self.dbs.runs) as cur:
+                rows = [json.loads(v) for _, v in cur]
+            rows.sort(key=lambda r: r.get("last_seen", 0), reverse=True)
+            return rows[:limit]
+
+        return self.store.read(scan)
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        raw = self.store.read(lambda txn: txn.get(run_key(run_id), db=self.dbs.runs))
+        return json.loads(raw) if raw is not None else None
+
+    # -- index ------------------------------------------------------------------------------
+    def rebuild_index_txn(self, txn: Txn) -> int:
+        """Drop the flow index and re-derive it from the records in seq order."""
+        txn.drop(self.dbs.flows, delete=False)
+        claimed = 0
+        with txn.cursor(db=self.dbs.deliveries) as cur:
+            for key, raw in cur:
+                for fid in json.loads(raw)["flows"]:
+                    claimed += txn.put(flow_key(fid), key, overwrite=False, db=self.dbs.flows)
+        return claimed
+
+
+def probe_txn(store: Store) -> Any:
+    """A tiny write used to learn whether the store takes writes again after a full disk."""
+
+    def probe(txn: Txn) -> None:
+        txn.put(b"probe", struct.pack(">d", time.time()), db=store.dbs.state)
+
+    return probe

@@ -1,0 +1,85 @@
+"""The shape of a CoinTracker delivery (spec §1), checked after authentication.
+
+Plain functions, no I/O. A `Delivery` keeps what the store and the importer need: the flow ids
+in arrival order with in-body duplicates collapsed, the run and user ids, and nothing else: the
+raw body is stored as it came and re-read at import time for the configs and unknown fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidJSON, InvalidPayload
+
+KNOWN_FIELDS = frozenset(
+    {"flow_ids", "cost_basis_run_id", "ghost_user_id", "user_config", "partner_config"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    flow_ids: tuple[str, ...]
+    cost_basis_run_id: str
+    ghost_user_id: str
+    in_body_duplicates: int
+
+
+def parse(body: bytes) -> Delivery:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        # ValueError covers bad JSON, bad UTF-8/16/32 and integers past Python's digit limit.
+        raise InvalidJSON("body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidJSON("body must be a JSON object")
+    return validate(doc)
+
+
+def validate(doc: dict[str, Any]) -> Delivery:
+    flow_ids = doc.get("flow_ids")
+    if not isinstance(flow_ids, list):
+        raise InvalidPayload("flow_ids must be a list of strings")
+    for i, flow_id in enumerate(flow_ids):
+        if not isinstance(flow_id, str) or not flow_id:
+            raise InvalidPayload(f"flow_ids[{i}] must be a non-empty string")
+    run_id = _required_string(doc, "cost_basis_run_id")
+    user_id = _required_string(doc, "ghost_user_id")
+    for key in ("user_config", "partner_config"):
+        value = doc.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise InvalidPayload(f"{key} must be an object")
+    unique = tuple(dict.fromkeys(flow_ids))
+    return Delivery(unique, run_id, user_id, len(flow_ids) - len(unique))
+
+
+def _required_string(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidPayload(f"{key} must be a non-empty string")
+    return value
+
+
+def importer_document(
+    body: bytes,
+    *,
+    delivery_id: str,
+    attempt: int,
+    received_at: str,
+    new_flow_ids: list[str],
+) -> dict[str, Any]:
+    """The JSON document an importer receives (spec §6), built from the stored raw body."""
+    doc = json.loads(body)
+    extra = {k: v for k, v in doc.items() if k not in KNOWN_FIELDS}
+    return {
+        "delivery_id": delivery_id,
+        "attempt": attempt,
+        "received_at": received_at,
+        "cost_basis_run_id": doc["cost_basis_run_id"],
+        "ghost_user_id": doc["ghost_user_id"],
+        "flow_ids": new_flow_ids,
+        "user_config": doc.get("user_config") or {},
+        "partner_config": doc.get("partner_config") or {},
+        "extra": extra,
+    }

@@ -1,0 +1,61 @@
+"""What the running server shares between its parts.
+
+`Runtime.live` is the reloadable view (config and the verifier built from it). It is replaced
+as one object on SIGHUP, and every request reads it once at its start, so a request runs
+entirely under the old or entirely under the new config: the switch is atomic between requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .auth import Verifier
+from .config import Config
+from .inbox import Inbox
+from .metrics import Metrics
+from .store import GroupCommitter, Store
+
+if TYPE_CHECKING:
+    from .dispatcher import Dispatcher
+
+
+@dataclass(frozen=True)
+class Live:
+    config: Config
+    verifier: Verifier
+
+
+class Runtime:
+    def __init__(
+        self,
+        live: Live,
+        store: Store,
+        inbox: Inbox,
+        committer: GroupCommitter,
+        metrics: Metrics,
+        config_path: str,
+    ) -> None:
+        self.live = live
+        self.store = store
+        self.inbox = inbox
+        self.committer = committer
+        self.metrics = metrics
+        self.config_path = config_path
+        self.draining = False
+        self.drill_remaining = live.config.testing.fail_first_deliveries
+        self.dispatcher: Dispatcher | None = None
+        self.started_at = 0.0
+        self.last_reload: dict[str, Any] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.store.available:
+            return False, f"store unavailable: {self.store.last_error}"
+        if not self.live.verifier.ready():
+            return False, f"{self.live.verifier.mode} keys not loaded"
+        return True, "ready"

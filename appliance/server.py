@@ -1,0 +1,301 @@
+"""`ct-appliance serve`: the one nursery that owns everything.
+
+    outer nursery
+    ├── GroupCommitter.run        the single LMDB writer
+    ├── Dispatcher.run            importer runs (inbox -> importer -> store)
+    ├── store probe               clears "store unavailable" once writes work again
+    ├── watchdog                  sd_notify WATCHDOG=1 when systemd asks for it
+    └── web nursery
+        ├── hypercorn serve       webhook listener(s)
+        ├── hypercorn serve       admin listener
+        └── signals               SIGTERM/SIGINT: drain; SIGHUP: reload
+
+Shutdown (SIGTERM): readiness drops, the listeners stop accepting and finish in-flight requests
+within `listen.graceful_timeout_seconds`; then running imports get
+`importer.shutdown_grace_seconds` before they are killed (they stay pending); the writer
+commits what is queued, the store closes, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import ssl
+import time
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from . import admin, http, logs, sdnotify
+from .auth import Verifier, make_verifier
+from .config import Config, Loaded
+from .config import load as load_config
+from .dispatcher import Dispatcher
+from .errors import ApplianceError, ConfigError, KeyLoadError
+from .inbox import Inbox, probe_txn
+from .metrics import Metrics
+from .reload import restart_needed, summarize_changes
+from .runtime import Live, Runtime
+from .store import GroupCommitter, Store
+from .version import VERSION
+
+log = logging.getLogger("ct_appliance.server")
+
+
+class TLSHolder:
+    """Serves the current certificate: an SNI callback swaps in the latest loaded context, so a
+    reload changes the certificate of new handshakes while open connections keep theirs."""
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.current = self._context(cert_file, key_file)
+        self.outer = self._context(cert_file, key_file)
+        self.outer.sni_callback = self._pick
+
+    @staticmethod
+    def _context(cert_file: str, key_file: str) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert_file, key_file)
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    def _pick(self, sslobj: Any, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = self.current
+
+    def reload(self, cert_file: str, key_file: str) -> None:
+        self.current = self._context(cert_file, key_file)
+
+
+class _HyperConfig(HyperConfig):
+    tls: TLSHolder | None = None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls.outer if self.tls is not None else None
+
+
+def _hyper_config(binds: list[str], cfg: Config, tls: TLSHolder | None) -> _HyperConfig:
+    hc = _HyperConfig()
+    hc.bind = binds
+    hc.graceful_timeout = cfg.listen.graceful_timeout_seconds
+    hc.keep_alive_timeout = cfg.listen.keep_alive_timeout_seconds
+    hc.backlog = 2048
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    if tls is not None and cfg.listen.tls is not None:
+        hc.tls = tls
+        hc.certfile = cfg.listen.tls.cert_file
+        hc.keyfile = cfg.listen.tls.key_file
+    return hc
+
+
+async def run(loaded: Loaded) -> None:
+    cfg = loaded.config
+    for warning in loaded.warnings:
+        log.warning("config warning", extra=logs.fields(detail=warning))
+    store = Store(cfg.store.path, initial_map_bytes=cfg.store.initial_map_bytes)
+    lock = _lock_store(store)
+    try:
+        await _run(loaded, store)
+    finally:
+        store.close()
+        os.close(lock)
+        log.info("store closed")
+
+
+def _lock_store(store: Store) -> int:
+    """Hold a shared lock while serving so `rebuild-index` can tell a server is running."""
+    fd = os.open(store.path / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+async def _run(loaded: Loaded, store: Store) -> None:
+    cfg = loaded.config
+    inbox = Inbox(store)
+    committer = GroupCommitter(store)
+    metrics = Metrics()
+    verifier = make_verifier(cfg)
+    rt = Runtime(Live(cfg, verifier), store, inbox, committer, metrics, loaded.path)
+    rt.started_at = time.time()
+    metrics.set_info(VERSION, cfg.environment, verifier.mode)
+    dispatcher = Dispatcher(rt)
+    rt.dispatcher = dispatcher
+    metrics.watch_inbox(lambda: _inbox_gauges(rt))
+    tls = TLSHolder(cfg.listen.tls.cert_file, cfg.listen.tls.key_file) if cfg.listen.tls else None
+    web_cfg = _hyper_config(list(cfg.listen.bind), cfg, tls)
+    admin_cfg = _hyper_config([cfg.admin.bind], cfg, None)
+
+    async with trio.open_nursery() as outer:
+        await outer.start(committer.run)
+        async with trio.open_nursery() as aux:
+            rt.nursery = aux
+            try:
+                await verifier.prepare()
+            except KeyLoadError as e:
+                if cfg.auth.bearer is None or not cfg.auth.bearer.jwks_url:
+                    raise
+                log.error("bearer keys not loaded yet; not ready", extra=logs.fields(error=str(e)))
+            aux.start_soon(verifier.run)
+            await aux.start(dispatcher.run)
+            aux.start_soon(_probe_store, rt)
+            aux.start_soon(sdnotify.watchdog_loop)
+            await _serve_until_stopped(rt, web_cfg, admin_cfg, tls)
+            # Listeners are closed and in-flight requests answered.
+            log.info("listeners closed; stopping importer runs")
+            await dispatcher.stop(rt.live.config.importer.shutdown_grace_seconds)
+            rt.live.verifier.stop()
+            aux.cancel_scope.cancel()
+        committer.close()
+    log.info("stopped cleanly")
+
+
+async def _serve_until_stopped(
+    rt: Runtime, web_cfg: _HyperConfig, admin_cfg: _HyperConfig, tls: TLSHolder | None
+) -> None:
+    """Serve both listeners until SIGTERM/SIGINT; return once in-flight requests are done."""
+    cfg = rt.live.config
+    shutdown = trio.Event()
+    async with trio.open_nursery() as web:
+        binds = await web.start(
+            lambda task_status: hypercorn_serve(
+                http.create_app(rt),
+                web_cfg,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
+            )
+        )
+        admin_binds = await web.start(
+            lambda task_status: hypercorn_serve(
+                admin.create_app(rt),
+                admin_cfg,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
+            )
+        )
+        await web.start(_signals, rt, shutdown, tls)
+        log.info(
+            "ready",
+            extra=logs.fields(
+                webhook=[b + cfg.webhook.path for b in binds],
+                admin=admin_binds,
+                auth_mode=rt.live.verifier.mode,
+                environment=cfg.environment,
+                store=str(rt.store.path),
+                version=VERSION,
+            ),
+        )
+        sdnotify.notify("READY=1", f"STATUS=serving {cfg.webhook.path}")
+
+
+def _inbox_gauges(rt: Runtime) -> dict[str, Any]:
+    counts = rt.inbox.counts()
+    counts["size_bytes"] = rt.store.size_bytes()
+    counts["paused"] = int(rt.dispatcher.paused) if rt.dispatcher else 0
+    return counts
+
+
+async def _probe_store(rt: Runtime) -> None:
+    """While the store refuses writes (disk full), try a tiny write every second."""
+    probe = probe_txn(rt.store)
+    while True:
+        await trio.sleep(1.0)
+        if not rt.store.available and not rt.draining:
+            try:
+                await rt.committer.submit(probe)
+            except ApplianceError:
+                continue
+
+
+async def _signals(
+    rt: Runtime,
+    shutdown: trio.Event,
+    tls: TLSHolder | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await reload(rt, tls)
+                continue
+            log.info("shutdown requested", extra=logs.fields(signal=signal.Signals(signum).name))
+            sdnotify.notify("STOPPING=1")
+            rt.draining = True
+            shutdown.set()
+            return
+
+
+async def reload(rt: Runtime, tls: TLSHolder | None) -> bool:
+    """Validate the config file completely, then switch to it between requests."""
+    sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    old = rt.live.config
+    try:
+        try:
+            loaded = load_config(rt.config_path)
+        except ConfigError as e:
+            raise _Refused(e.problems) from None
+        new = loaded.config
+        verifier: Verifier = make_verifier(new)
+        try:
+            await verifier.prepare()
+        except ApplianceError as e:
+            raise _Refused([f"auth: {e}"]) from None
+        if tls is not None and new.listen.tls is not None:
+            try:
+                tls.reload(new.listen.tls.cert_file, new.listen.tls.key_file)
+            except (OSError, ssl.SSLError) as e:
+                raise _Refused([f"listen.tls: cannot load certificate/key: {e}"]) from None
+    except _Refused as e:
+        rt.last_reload = {"at": time.time(), "ok": False, "errors": e.problems}
+        log.error(
+            "reload refused; still serving with the previous config",
+            extra=logs.fields(errors=e.problems),
+        )
+        sdnotify.notify("READY=1", "STATUS=reload refused; previous config in use")
+        return False
+    for warning in loaded.warnings:
+        log.warning("config warning", extra=logs.fields(detail=warning))
+    old_verifier = rt.live.verifier
+    rt.live = Live(new, verifier)
+    old_verifier.stop()
+    if rt.nursery is not None:
+        rt.nursery.start_soon(verifier.run)
+    if rt.dispatcher is not None:
+        rt.dispatcher.reconfigure(new.importer)
+    rt.metrics.set_info(VERSION, new.environment, verifier.mode)
+    changes = summarize_changes(old, new)
+    needs_restart = restart_needed(old, new)
+    rt.last_reload = {"at": time.time(), "ok": True, "changes": changes, "restart": needs_restart}
+    log.info("config reloaded", extra=logs.fields(changes=changes))
+    for item in needs_restart:
+        log.warning("change needs a restart to apply", extra=logs.fields(change=item))
+    sdnotify.notify("READY=1", "STATUS=config reloaded")
+    return True
+
+
+class _Refused(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def main(config_path: str) -> int:
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line)
+        return 2
+    cfg = loaded.config
+    logs.setup(cfg.log.level, cfg.log.format)
+    try:
+        trio.run(run, loaded)
+    except ApplianceError as e:
+        log.error("cannot start", extra=logs.fields(error=str(e)))
+        return 1
+    return 0

@@ -1,0 +1,327 @@
+"""The LMDB environment under `store.path`, and the one writer that commits to it.
+
+Theory of operation
+-------------------
+* Durability. The environment is opened with LMDB's defaults for sync: a write transaction's
+  commit returns only after its pages and its meta page are fsync'd. A caller learns the outcome
+  of its write only after that commit returned, so the HTTP layer can never answer 2xx for a
+  delivery that is not on disk (spec §5.1).
+* Group commit. Inside the server every write goes through `GroupCommitter`: a request appends
+  its operation to a queue and sleeps; one writer task takes everything queued, runs all the
+  operations in ONE write transaction on a worker thread (`trio.to_thread.run_sync`, so the
+  transaction never crosses an `await` and stays on the thread that opened it), commits once,
+  then wakes every waiter with its own result. Requests arriving during a commit form the next
+  batch; nobody waits on a commit it does not need beyond the one in flight.
+* Isolation of failures. An operation that raises (a bug, never a normal outcome) aborts the
+  batch; the batch is then replayed one operation per transaction so only the faulty one fails.
+* Map growth. `MapFullError` aborts the transaction, the map is doubled (in-process transactions
+  are excluded by a gate while `set_mapsize` runs) and the batch is retried. A map resized by
+  another process (the CLI) is adopted on `MapResizedError`.
+* Full disk. An ENOSPC during commit aborts the transaction; nothing is half-written because LMDB
+  never overwrites live pages. The store is marked unavailable (the webhook answers 503) and a
+  probe retries a tiny write until it succeeds. A panicked environment is reopened.
+* Several processes. The server and the CLI may open the same environment (LMDB's lock file
+  serialises writers). Each process opens it once; a forked child never touches it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
+
+import lmdb
+import trio
+
+from .errors import StoreError, StoreFull
+
+log = logging.getLogger("ct_appliance.store")
+
+T = TypeVar("T")
+Txn = Any  # lmdb.Transaction (the C extension ships no stubs)
+
+DB_NAMES = ("deliveries", "bodies", "attempts", "flows", "queue", "dead", "done", "runs", "state")
+MAX_BATCH = 512
+MAX_MAP_BYTES = 1 << 40
+
+
+class _Gate:
+    """Many transactions at once, or one `set_mapsize` alone (LMDB requires no live txn)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+@dataclass
+class DBs:
+    deliveries: Any
+    bodies: Any
+    attempts: Any
+    flows: Any
+    queue: Any
+    dead: Any
+    done: Any
+    runs: Any
+    state: Any
+
+
+def _is_enospc(e: BaseException) -> bool:
+    text = str(e)
+    return (
+        isinstance(e, lmdb.DiskError)
+        or "No space left" in text
+        or "ENOSPC" in text
+        or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    )
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike[str], *, initial_map_bytes: int = 1 << 30) -> None:
+        self.path = Path(path)
+        self._initial_map = max(initial_map_bytes, 1 << 20)
+        self._gate = _Gate()
+        self.available = True
+        self.last_error: str | None = None
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store directory {self.path}: {e.strerror}") from None
+        self._open()
+
+    def _open(self) -> None:
+        data = self.path / "data.mdb"
+        size = max(self._initial_map, data.stat().st_size if data.exists() else 0)
+        try:
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=size,
+                max_dbs=len(DB_NAMES) + 2,
+                max_readers=512,
+                readahead=False,
+                mode=0o600,
+            )
+            self.dbs = DBs(*(self.env.open_db(n.encode()) for n in DB_NAMES))
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open the store at {self.path}: {e}") from None
+
+    def close(self) -> None:
+        with self._gate.exclusive():
+            self.env.close()
+
+    # -- reads ------------------------------------------------------------------------------
+    def read(self, fn: Callable[[Txn], T]) -> T:
+        """Run `fn` in a read transaction (blocking: call from a worker thread in the server)."""
+        for _ in range(3):
+            try:
+                with self._gate.shared(), self.env.begin() as txn:
+                    result: T = fn(txn)
+                    return result
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+        raise StoreError("the store map keeps being resized by another process")
+
+    # -- writes -----------------------------------------------------------------------------
+    def write(self, fn: Callable[[Txn], T]) -> T:
+        """Run `fn` in its own durable write transaction."""
+        result = self.write_batch([fn])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return cast(T, result)
+
+    def write_batch(self, fns: list[Callable[[Txn], Any]]) -> list[Any]:
+        """Run every fn in one durable transaction; each slot gets its result or exception.
+
+        StoreFull / StoreError fill every slot when the commit itself fails.
+        """
+        try:
+            return self._commit(fns)
+        except _OperationFailed:
+            # Replay one by one so only the faulty operation fails.
+            out: list[Any] = []
+            for fn in fns:
+                try:
+                    out.append(self._commit([fn])[0])
+                except _OperationFailed as e:
+                    out.append(e.error)
+                except StoreError as e:
+                    out.append(e)
+            return out
+        except StoreError as e:
+            return [e] * len(fns)
+
+    def _commit(self, fns: list[Callable[[Txn], Any]]) -> list[Any]:
+        for _ in range(40):
+            try:
+                with self._gate.shared():
+                    txn = self.env.begin(write=True)
+                    try:
+                        results = []
+                        for fn in fns:
+                            try:
+                                results.append(fn(txn))
+                            except lmdb.Error:
+                                raise
+                            except Exception as e:
+                                raise _OperationFailed(e) from e
+                        txn.commit()
+                    except BaseException:
+                        txn.abort()
+                        raise
+                self._set_available()
+                return results
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+            except lmdb.PanicError as e:
+                self._mark_unavailable(f"store panicked: {e}")
+                self._reopen()
+                raise StoreFull(f"store failed and was reopened: {e}") from None
+            except lmdb.Error as e:
+                if _is_enospc(e):
+                    self._mark_unavailable("disk full")
+                    raise StoreFull("no space left on the store's disk") from None
+                self._mark_unavailable(f"store write failed: {e}")
+                raise StoreError(f"store write failed: {e}") from None
+        raise StoreFull("the store map could not grow far enough")
+
+    def _grow(self) -> None:
+        with self._gate.exclusive():
+            current = self.env.info()["map_size"]
+            if current >= MAX_MAP_BYTES:
+                self._mark_unavailable("map full at its maximum size")
+                raise StoreFull("the store map is at its maximum size")
+            new = min(current * 2, MAX_MAP_BYTES)
+            self.env.set_mapsize(new)
+            log.info("store map grown", extra={"fields": {"map_bytes": new}})
+
+    def _adopt_map_size(self) -> None:
+        with self._gate.exclusive():
+            self.env.set_mapsize(0)
+
+    def _reopen(self) -> None:
+        with self._gate.exclusive():
+            try:
+                self.env.close()
+            finally:
+                self._open()
+
+    def _mark_unavailable(self, why: str) -> None:
+        if self.available:
+            log.error("store unavailable", extra={"fields": {"reason": why}})
+        self.available = False
+        self.last_error = why
+
+    def _set_available(self) -> None:
+        if not self.available:
+            log.warning("store available again")
+        self.available = True
+        self.last_error = None
+
+    def size_bytes(self) -> int:
+        try:
+            return (self.path / "data.mdb").stat().st_size
+        except OSError:
+            return 0
+
+
+class _OperationFailed(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Pending(Generic[T]):
+    __slots__ = ("fn", "done", "result")
+
+    def __init__(self, fn: Callable[[Txn], T]) -> None:
+        self.fn = fn
+        self.done = trio.Event()
+        self.result: Any = None
+
+
+class GroupCommitter:
+    """The server's single writer: batches whatever is queued into one durable commit."""
+
+    def __init__(self, store: Store, *, max_batch: int = MAX_BATCH) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: list[_Pending[Any]] = []
+        self._wakeup = trio.Event()
+        self._closed = False
+        self.commits = 0
+        self.operations = 0
+
+    async def submit(self, fn: Callable[[Txn], T]) -> T:
+        """Queue `fn`, wait for the commit that contains it, return its result or raise."""
+        if self._closed:
+            raise StoreError("the store is closing")
+        item: _Pending[T] = _Pending(fn)
+        self._queue.append(item)
+        self._wakeup.set()
+        await item.done.wait()
+        if isinstance(item.result, BaseException):
+            raise item.result
+        return item.result  # type: ignore[no-any-return]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            batch = self._queue[: self.max_batch]
+            del self._queue[: self.max_batch]
+            fns = [p.fn for p in batch]
+            # Not cancellable: a commit in flight finishes and its waiters are told.
+            with trio.CancelScope(shield=True):
+                results = await trio.to_thread.run_sync(self.store.write_batch, fns)
+            self.commits += 1
+            self.operations += len(batch)
+            for p, r in zip(batch, results, strict=True):
+                p.result = r
+                p.done.set()
+
+    def close(self) -> None:
+        """Finish what is queued, then let `run` return."""
+        self._closed = True
+        self._wakeup.set()
