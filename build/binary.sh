@@ -17,7 +17,7 @@ LC_ALL=C.UTF-8
 export SOURCE_DATE_EPOCH PYTHONHASHSEED TZ LC_ALL
 
 commit=$(git rev-parse --short=12 HEAD)
-if ! git diff --quiet HEAD -- appliance build/entry.py build/ct-appliance.spec 2>/dev/null; then
+if [ -n "$(git status --porcelain -- appliance build/entry.py build/ct-appliance.spec)" ]; then
     commit="$commit-dirty"
 fi
 build_date=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
