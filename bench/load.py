@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,17 @@ def wrk(url: str, request_file: Path, seconds: int, connections: int) -> dict[st
         "taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
         "--timeout", "10s", "-s", str(REPLAY_LUA), url, "--", str(request_file), SIG_HEADER,
     ]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Only wrk (and taskset, which exec'd it) was reaped in between: its own CPU time.
+    wrk_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     for line in done.stdout.splitlines():
         if line.startswith("BENCHJSON "):
             result: dict[str, Any] = json.loads(line[len("BENCHJSON ") :])
             dur = int(result["duration_us"]) / 1e6
             result["rps"] = int(result["requests"]) / dur if dur else 0.0
+            result["wrk_cpu_pct"] = wrk_cpu * 100 / dur if dur else None
             return result
     raise LoadError(f"wrk gave no result (exit {done.returncode}): {done.stderr.strip()[-500:]}")
 

@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from servers import LOAD_CPU
+
 Row = dict[str, Any]
 
 COLUMNS = [
@@ -25,6 +27,7 @@ COLUMNS = [
     ("private_mib", "private MiB", "{:.0f}"),
     ("ready_s", "ready s", "{:.2f}"),
     ("errors", "errors", "{:d}"),
+    ("other_pct", "other on CPU 0 %", "{:.0f}"),
 ]
 
 
@@ -68,6 +71,9 @@ def aggregate(
             else:
                 agg[key] = median([r.get(key) for r in ok])
         agg["ratio_to_app"] = median([r.get("ratio_to_app") for r in ok])
+        agg["paced_lag_ms"] = max((r.get("paced_lag_ms") or 0 for r in ok), default=None)
+        agg["load_cpu_pct"] = median([r.get("load_cpu_pct") for r in ok])
+        agg["wrk_cpu_pct"] = median([r.get("wrk_cpu_pct") for r in ok])
         agg["rps_by_round"] = [round(r["rps"]) if r.get("rps") else None for r in rows]
         agg["notes"] = sorted({n for r in rows for n in r.get("notes", [])})
         agg["failed_rounds"] = [r["error"] for r in rows if r.get("error")]
@@ -104,6 +110,16 @@ def notes(rows: list[Row], rounds: int) -> str:
             failed = "; ".join(row["failed_rounds"])[:300]
             extra.append(f"{row['rounds']}/{rounds} rounds succeeded: {failed}")
         extra.extend(row["notes"])
+        if (row.get("paced_lag_ms") or 0) > 5:
+            extra.append(
+                f"paced generator up to {row['paced_lag_ms']:.0f} ms late in the worst round "
+                "(counted in its latency)"
+            )
+        if (row.get("wrk_cpu_pct") or 0) > 80:
+            extra.append(f"wrk used {row['wrk_cpu_pct']:.0f}% of its CPU: it may be the limit")
+        other_load = (row.get("load_cpu_pct") or 0) - (row.get("wrk_cpu_pct") or 0)
+        if other_load > 20:
+            extra.append(f"CPU {LOAD_CPU} (load) also {other_load:.0f}% busy with other work")
         by_round = ", ".join("–" if v is None else f"{v:,}" for v in row.get("rps_by_round", []))
         out.append(
             f"- {row['label']}: req/s by round {by_round}" + "".join(f"; {e}" for e in extra)
@@ -156,12 +172,12 @@ def startup_table(startup: dict[str, Row]) -> str:
     return "\n".join(lines)
 
 
-def _first(cmd: list[str]) -> str:
+def _first(cmd: list[str], any_exit: bool = False) -> str:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return "–"
-    if done.returncode != 0:
+    if done.returncode != 0 and not any_exit:
         return "–"
     text = (done.stdout or done.stderr).strip().splitlines()
     return text[0] if text else "–"
@@ -196,7 +212,9 @@ def machine(root: Path, work: Path, app_exe: Path) -> dict[str, str]:
         "kernel": platform.release(),
         "os": os_name,
         "python": platform.python_version(),
-        "wrk": _first(["wrk", "-v"]) if shutil.which("wrk") else "–",
+        "wrk": _first(["wrk", "-v"], any_exit=True).split(" Copyright")[0]
+        if shutil.which("wrk")
+        else "–",
         "webhook": _first(["webhook", "-version"]) if shutil.which("webhook") else "–",
         "ct-appliance": _first([str(app_exe), "--version"]) if app_exe.exists() else "–",
         "commit": commit + (" + uncommitted appliance/ changes" if dirty else ""),

@@ -124,6 +124,15 @@ def cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def cpu_ticks(cpu: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of one CPU since boot, from /proc/stat (idle and iowait = idle)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            fields = [int(x) for x in line.split()[1:9]]
+            return sum(fields) - fields[3] - fields[4], sum(fields)
+    raise LookupError(f"cpu{cpu} not in /proc/stat")
+
+
 def private_mib(root: int) -> float | None:
     total_kb = 0
     seen = False

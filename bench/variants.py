@@ -19,6 +19,8 @@ for each round, so every round starts from the same index.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -123,9 +125,17 @@ def check_app(ctx: Ctx) -> str | None:
     return f"check-config exit {done.returncode}: {out[-300:]}"
 
 
+def seed_command() -> list[str]:
+    """The bulk loader's argv, to which `--config CFG --flows N` is appended."""
+    custom = os.environ.get("BENCH_SEED_COMMAND")
+    return shlex.split(custom) if custom else [sys.executable, "-m", "appliance.bench_seed"]
+
+
 def seed_available(ctx: Ctx) -> str | None:
     if ctx.app_reason:
         return ctx.app_reason
+    if os.environ.get("BENCH_SEED_COMMAND"):
+        return None
     code = "import importlib.util as u, sys; sys.exit(u.find_spec('appliance.bench_seed') is None)"
     if subprocess.run([sys.executable, "-c", code], cwd=ctx.root).returncode != 0:
         return "no bulk loader: appliance.bench_seed does not exist"
@@ -141,8 +151,16 @@ def seed_template(ctx: Ctx, flows: int) -> None:
     d.mkdir(exist_ok=True)
     cfg = d / "config.yaml"
     app_config(ctx, cfg, d / "store")
-    argv = ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "appliance.bench_seed",
-            "--config", str(cfg), "--flows", str(flows)]  # fmt: skip
+    argv = [
+        "taskset",
+        "-c",
+        SERVER_CPU,
+        *seed_command(),
+        "--config",
+        str(cfg),
+        "--flows",
+        str(flows),
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ctx.root, timeout=1800)
     if done.returncode != 0:
