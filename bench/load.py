@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from servers import LOAD_CPU
+from servers import LOAD_CPU, pinned
 
 HERE = Path(__file__).resolve().parent
 REPLAY_LUA = HERE / "replay.lua"
@@ -24,10 +24,10 @@ class LoadError(Exception):
 def wrk(url: str, request_file: Path, seconds: int, connections: int) -> dict[str, Any]:
     """Closed-loop saturation: `connections` keep-alive connections, each sending its next
     request as soon as the previous answer arrived, for `seconds`."""
-    argv = [
-        "taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-        "--timeout", "10s", "-s", str(REPLAY_LUA), url, "--", str(request_file), SIG_HEADER,
-    ]  # fmt: skip
+    argv = pinned(LOAD_CPU, [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        "-s", str(REPLAY_LUA), url, "--", str(request_file), SIG_HEADER,
+    ])  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -44,7 +44,7 @@ def wrk(url: str, request_file: Path, seconds: int, connections: int) -> dict[st
 
 
 def _loadgen(args: list[str], timeout: float) -> dict[str, Any]:
-    argv = ["taskset", "-c", LOAD_CPU, sys.executable, str(LOADGEN), *args]
+    argv = pinned(LOAD_CPU, [sys.executable, str(LOADGEN), *args])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0 or not done.stdout.strip():
         raise LoadError(f"loadgen failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
@@ -67,8 +67,6 @@ def once(url: str, request_file: Path, concurrency: int, timeout: float = 300) -
 
 def once_async(url: str, request_file: Path, concurrency: int) -> subprocess.Popen[str]:
     """Start an exactly-once post in the background (the import variant polls meanwhile)."""
-    argv = [
-        "taskset", "-c", LOAD_CPU, sys.executable, str(LOADGEN), "once", url, str(request_file),
-        "--concurrency", str(concurrency),
-    ]  # fmt: skip
+    args = ["once", url, str(request_file), "--concurrency", str(concurrency)]
+    argv = pinned(LOAD_CPU, [sys.executable, str(LOADGEN), *args])
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,6 +14,7 @@ Settings (environment variables; BENCH_QUICK=1 shrinks everything for developmen
   BENCH_MAX_RATE=5000 (sizes the unique-id request files) BENCH_KEEP=1 (keep the work directory)
   BENCH_APP_EXE=.venv/bin/ct-appliance (the ct-appliance command to serve the app variants with)
   BENCH_SEED_COMMAND="python -m appliance.bench_seed" (bulk loader; gets --config CFG --flows N)
+  BENCH_NICE=-10 (opt-in: run servers and load generators ahead of other work on the machine)
 Results: printed, and saved under var/bench/ (results-*.json, results-*.md, latest.md).
 """
 
@@ -359,7 +360,10 @@ def main() -> int:
         return 0
     s = Settings.from_env()
     os.sched_setaffinity(0, {int(servers.LOAD_CPU)})
+    # Every way out runs the `finally` below, which stops the servers.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     ensure_tools()
     if shutil.which("wrk") is None:
         say("wrk is required")
@@ -469,7 +473,8 @@ def render(s: Settings, machine: dict[str, str], rows: list[dict[str, Any]],
         f"Medians of {s.rounds} round(s); saturation: wrk, {s.connections} connections, "
         f"{s.saturation_seconds} s after a {s.warmup_seconds} s warm-up; paced: "
         f"{s.paced_rate:.0f} requests/s for {s.paced_seconds:.0f} s, open loop, latency from the "
-        f"scheduled send. Server on CPU {servers.SERVER_CPU}, load on CPU {servers.LOAD_CPU}. "
+        f"scheduled send. Server on CPU {servers.SERVER_CPU}, load on CPU {servers.LOAD_CPU}"
+        f"{f', both at nice {servers.NICE}' if servers.NICE else ''}. "
         f"Whole run {seconds / 60:.1f} min.",
         "",
         "| machine | |",
@@ -502,4 +507,8 @@ def render(s: Settings, machine: dict[str, str], rows: list[dict[str, Any]],
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        say("interrupted; every server started was stopped")
+        sys.exit(130)
