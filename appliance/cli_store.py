@@ -8,11 +8,13 @@ at least once a second, so a retry or a pause made here takes effect within 2 s)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import functools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +36,20 @@ def open_store(args: argparse.Namespace, *, must_exist: bool = True) -> tuple[St
     return store, Inbox(store)
 
 
-def server_running(store_path: Path) -> bool:
-    """True while a server holds the store's lock file (taken by `serve` at start)."""
+@contextlib.contextmanager
+def exclusive_store(store_path: Path) -> Iterator[None]:
+    """Hold the store's server lock exclusively, failing if a server holds it (shared)."""
+    fd = os.open(store_path / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fd = os.open(store_path / SERVER_LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Failed(
+                "the server is running on this store; stop it first (systemctl stop ct-appliance)"
+            ) from None
+        yield
     finally:
         os.close(fd)
-    return False
 
 
 def _when(ts: float | None) -> str | None:
@@ -227,10 +230,9 @@ def runs(args: argparse.Namespace) -> int:
 
 def rebuild_index(args: argparse.Namespace) -> int:
     store, ib = open_store(args)
-    if server_running(store.path):
-        raise Failed("the server is running on this store; stop it first (systemctl stop)")
     started = time.monotonic()
-    claimed = store.write(ib.rebuild_index_txn)
+    with exclusive_store(store.path):
+        claimed = store.write(ib.rebuild_index_txn)
     doc = {"flow_ids": claimed, "seconds": round(time.monotonic() - started, 3)}
     emit(args, doc, lambda: f"rebuilt the flow index: {claimed} flow ids in {doc['seconds']} s")
     return EXIT_OK

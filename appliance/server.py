@@ -35,7 +35,7 @@ from .auth import Verifier, make_verifier
 from .config import Config, Loaded
 from .config import load as load_config
 from .dispatcher import Dispatcher
-from .errors import ApplianceError, ConfigError, KeyLoadError
+from .errors import ApplianceError, ConfigError, KeyLoadError, StoreError
 from .inbox import Inbox, probe_txn
 from .metrics import Metrics
 from .reload import restart_needed, summarize_changes
@@ -109,7 +109,11 @@ async def run(loaded: Loaded) -> None:
 def _lock_store(store: Store) -> int:
     """Hold a shared lock while serving so `rebuild-index` can tell a server is running."""
     fd = os.open(store.path / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError("the store is locked by a maintenance command (rebuild-index)") from None
     return fd
 
 
