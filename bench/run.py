@@ -15,6 +15,7 @@ Settings (environment variables; BENCH_QUICK=1 shrinks everything for developmen
   BENCH_APP_EXE=.venv/bin/ct-appliance (the ct-appliance command to serve the app variants with)
   BENCH_SEED_COMMAND="python -m appliance.bench_seed" (bulk loader; gets --config CFG --flows N)
   BENCH_NICE=-10 (opt-in: run servers and load generators ahead of other work on the machine)
+  BENCH_PROFILE=1 (py-spy samples each Python server's saturation run; see bench/pyspy.py)
 Results: printed, and saved under var/bench/ (results-*.json, results-*.md, latest.md).
 """
 
@@ -38,12 +39,14 @@ sys.path.insert(0, str(HERE))
 
 import load  # noqa: E402
 import payloads  # noqa: E402
+import pyspy  # noqa: E402
 import report  # noqa: E402
 import servers  # noqa: E402
 import variants  # noqa: E402
 from variants import Ctx, NotAvailable, Variant  # noqa: E402
 
 ROOT = HERE.parent
+RESULTS = ROOT / "var" / "bench"
 DEBIAN_TOOLS = {"wrk": "wrk", "webhook": "webhook"}
 
 
@@ -63,6 +66,7 @@ class Settings:
     variants: list[str] | None
     max_rate: int
     keep: bool
+    profile: bool
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -92,6 +96,7 @@ class Settings:
             variants=[v.strip() for v in chosen.split(",") if v.strip()] if chosen else None,
             max_rate=int(num("BENCH_MAX_RATE", 5000)),
             keep=env.get("BENCH_KEEP", "") not in ("", "0"),
+            profile=env.get("BENCH_PROFILE", "") not in ("", "0"),
         )
 
 
@@ -129,9 +134,19 @@ def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
         if s.warmup_seconds > 0:
             load.wrk(target.url, target.warm, s.warmup_seconds, s.connections)
         core0, gen0 = servers.cpu_ticks(servers.SERVER_CPU), servers.cpu_ticks(servers.LOAD_CPU)
+        spy = None
+        if ctx.py_spy and v.key != "webhook":
+            out = RESULTS / f"profile-{rdir.name}.txt"
+            spy = (pyspy.start(ctx.py_spy, server.pid, s.saturation_seconds, out), out)
         cpu0, t0 = servers.cpu_seconds(server.pid), time.perf_counter()
         sat = load.wrk(target.url, target.sat, s.saturation_seconds, s.connections)
         cpu1, t1 = servers.cpu_seconds(server.pid), time.perf_counter()
+        if spy is not None:
+            _, err = spy[0].communicate(timeout=60)
+            if spy[1].exists():
+                row["profile"] = str(spy[1])
+            else:
+                row["notes"].append(f"py-spy: {err.decode(errors='replace').strip()[-200:]}")
         core1, gen1 = servers.cpu_ticks(servers.SERVER_CPU), servers.cpu_ticks(servers.LOAD_CPU)
         paced = load.paced(target.url, target.paced, s.paced_rate, s.paced_seconds)
         row["private_mib"] = servers.private_mib(server.pid)
@@ -368,7 +383,7 @@ def main() -> int:
     if shutil.which("wrk") is None:
         say("wrk is required")
         return 1
-    results_dir = ROOT / "var" / "bench"
+    results_dir = RESULTS
     results_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ct-bench-"))
     ctx = Ctx(
@@ -382,6 +397,8 @@ def main() -> int:
     )
     started = time.time()
     try:
+        if s.profile:
+            ctx.py_spy = pyspy.ensure_py_spy(RESULTS / "tools")
         machine = report.machine(ROOT, work, ctx.app_exe)
         chosen = variants.all_variants(s.seed_flows)
         if s.variants:
@@ -404,8 +421,9 @@ def main() -> int:
                     say(f"  seeded in {ctx.seed_seconds[flows]:.1f} s")
         rounds: list[dict[str, dict[str, Any]]] = []
         reasons: dict[str, str] = {}
-        for r in range(s.rounds):
-            order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]
+        for r in range(s.rounds if chosen else 0):
+            shift = r % len(chosen) if chosen else 0
+            order = chosen[shift:] + chosen[:shift]
             rnd: dict[str, dict[str, Any]] = {}
             for v in order:
                 if v.key in reasons:
@@ -446,7 +464,7 @@ def main() -> int:
         say("measuring start-up")
         startup = measure_startup(ctx, s)
         rows = report.aggregate(chosen, rounds, reasons)
-        text = render(s, machine, rows, startup, ctx, time.time() - started)
+        text = render(s, machine, rows, rounds, startup, ctx, time.time() - started)
         print(text)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         (results_dir / f"results-{stamp}.md").write_text(text)
@@ -464,8 +482,15 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def render(s: Settings, machine: dict[str, str], rows: list[dict[str, Any]],
-           startup: dict[str, dict[str, Any]], ctx: Ctx, seconds: float) -> str:  # fmt: skip
+def render(
+    s: Settings,
+    machine: dict[str, str],
+    rows: list[dict[str, Any]],
+    rounds: list[dict[str, dict[str, Any]]],
+    startup: dict[str, dict[str, Any]],
+    ctx: Ctx,
+    seconds: float,
+) -> str:
     mode = "QUICK (development) run" if s.quick else "full run"
     lines = [
         f"## ct-appliance benchmark — {time.strftime('%Y-%m-%d %H:%M %Z')} — {mode}",
@@ -503,6 +528,11 @@ def render(s: Settings, machine: dict[str, str], rows: list[dict[str, Any]],
             "",
         ]
     lines += [report.targets(rows, startup), ""]
+    profiles = [p for rnd in rounds for r in rnd.values() if (p := r.get("profile"))]
+    if profiles:
+        lines += ["### Profiles (BENCH_PROFILE=1: figures above were taken under py-spy)", ""]
+        for path in profiles:
+            lines += [pyspy.summarize(Path(path)), ""]
     return "\n".join(lines)
 
 

@@ -50,6 +50,7 @@ class Ctx:
     templates: dict[int, Path] = field(default_factory=dict)
     template_reasons: dict[int, str] = field(default_factory=dict)
     seed_seconds: dict[int, float] = field(default_factory=dict)
+    py_spy: str | None = None
 
 
 @dataclass
