@@ -59,10 +59,11 @@ def aggregate(
         ok = [r for r in rows if not r.get("error")]
         agg: Row = {"key": v.key, "label": v.label, "rounds": len(ok)}
         if not ok:
-            why = reasons.get(v.key) or next(
-                (r["error"] for r in rows if r.get("error")), "not run"
-            )
-            agg["unavailable"] = why
+            failed = next((r["error"] for r in rows if r.get("error")), None)
+            if v.key in reasons or not failed:
+                agg["unavailable"] = "not available: " + reasons.get(v.key, "not run")
+            else:
+                agg["unavailable"] = f"FAILED in every round: {failed}"
             out.append(agg)
             continue
         for key, _, _ in COLUMNS:
@@ -87,10 +88,7 @@ def table(rows: list[Row]) -> str:
     lines = [head, sep]
     for row in rows:
         if "unavailable" in row:
-            lines.append(
-                f"| {row['label']} | not available: {row['unavailable']} |"
-                + " |" * (len(COLUMNS) - 1)
-            )
+            lines.append(f"| {row['label']} | {row['unavailable']} |" + " |" * (len(COLUMNS) - 1))
             continue
         cells = []
         for key, _, fmt in COLUMNS:
@@ -163,7 +161,7 @@ def startup_table(startup: dict[str, Row]) -> str:
     lines = ["| exec → ready | median s | min s | max s | runs |", "|---|---:|---:|---:|---:|"]
     for row in startup.values():
         if row.get("unavailable"):
-            lines.append(f"| {row['label']} | not available: {row['unavailable']} | | | |")
+            lines.append(f"| {row['label']} | {row['unavailable']} | | | |")
         else:
             lines.append(
                 f"| {row['label']} | {row['median_s']:.2f} | {row['min_s']:.2f} | "

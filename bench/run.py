@@ -336,8 +336,11 @@ def measure_startup(ctx: Ctx, s: Settings) -> dict[str, dict[str, Any]]:
                                            rdir / "server.log", admin, "/readyz")  # fmt: skip
                 times.append(server.ready_seconds or 0.0)
                 server.stop()
-            except (NotAvailable, servers.StartError) as e:
-                reason = str(e).splitlines()[0]
+            except NotAvailable as e:
+                reason = f"not available: {e}"
+                break
+            except servers.StartError as e:
+                reason = f"FAILED: {str(e).splitlines()[0]}"
                 break
             finally:
                 shutil.rmtree(rdir, ignore_errors=True)

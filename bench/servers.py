@@ -239,7 +239,9 @@ def start(
         time.sleep(0.005)
     server.stop()
     why = "exited" if proc.poll() is not None else f"not ready after {timeout:.0f} s"
-    raise StartError(f"{name} {why}; log tail:\n{server.log_tail()}")
+    tail = server.log_tail()
+    last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "empty log")
+    raise StartError(f"{name} {why} ({last[:200]}); log tail:\n{tail}")
 
 
 def stop_all() -> None:
