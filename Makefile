@@ -1,12 +1,16 @@
 # ct-appliance developer entry points. Everything a target needs is installed by the target.
 #   make run    start the appliance on a generated dev config (./var/dev-config.yaml)
 #   make test   lint, type-check and run every test
+#   make deps   install the Debian packages the end-to-end tests drive (openssl, chromium, prometheus)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit clean lock
+.PHONY: run test lint typecheck unit clean lock deps
+# Debian packages the end-to-end tests drive for real (installed once; skipped when present).
+DEB_TEST_PKGS := openssl chromium prometheus
+
 .DEFAULT_GOAL := help
 
 help:
@@ -33,6 +37,16 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+deps:
+	@missing=$$(for p in $(DEB_TEST_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; \
+		systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	fi
 
 # Regenerate the lock of transitive versions from the pins in pyproject.toml.
 lock:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -198,6 +198,7 @@ class _InboxCollector(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -229,6 +230,17 @@ class Metrics:
         self.window = Window()
         for result in ("new", "duplicate"):
             self.flow_ids.labels(result)
+        # Series that graphs and alert rules divide by exist from the start, at 0.
+        for outcome, status in (
+            ("accepted", 200),
+            ("duplicate", 200),
+            ("unauthorized", 401),
+            ("unavailable", 503),
+            ("internal", 500),
+        ):
+            self.requests.labels(outcome, str(status))
+        for mode in ("hmac", "bearer"):
+            self.signature_failures.labels(mode)
         for result in ("success", "retry", "dead"):
             self.imports.labels(result)
 

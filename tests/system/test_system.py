@@ -155,9 +155,12 @@ class Machine:
             done.stderr.decode(errors="replace"),
         )
         if check and result.returncode != 0:
+            journal = ""
+            if argv[0] == "systemctl":
+                journal = self.run_text("journalctl", "-u", UNIT, "-n", "25", "--no-pager")
             raise AssertionError(
                 f"{' '.join(argv)} exited {result.returncode}\n"
-                f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}"
+                f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}\n{journal}"
             )
         return result
 
@@ -194,11 +197,13 @@ class Machine:
         )
         return int(out or 0)
 
-    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    def post(
+        self, body: bytes, headers: dict[str, str], url: str = WEBHOOK
+    ) -> tuple[int, dict[str, Any]]:
         argv = ["curl", "-sS", "--max-time", "20", "-w", "\n%{http_code}", "--data-binary", "@-"]
         for name, value in {"Content-Type": "application/json", **headers}.items():
             argv += ["-H", f"{name}: {value}"]
-        out = self.run(*argv, WEBHOOK, input=body).stdout
+        out = self.run(*argv, url, input=body).stdout
         text, _, code = out.rpartition("\n")
         return int(code), json.loads(text) if text.strip() else {}
 
@@ -437,6 +442,56 @@ def test_signed_delivery_is_imported_by_the_example_importer(
     status, answer = machine.post(d.body, {"X-Cointracker-Signature": "0" * 64})
     assert status == 401, answer
     assert_all_duplicates(machine, ledger, [d])
+
+
+def test_watchdog_is_fed_by_the_server_behind_the_bootloader(machine: Machine) -> None:
+    # WATCHDOG_PID names the bootloader; the server must ping anyway. A 2 s watchdog for the
+    # length of this test: without pings systemd would kill and restart it within 2 s.
+    dropin = machine.path(f"/etc/systemd/system/{UNIT}.d/zz-test-watchdog.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text("[Service]\nWatchdogSec=2s\n")
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "restart", UNIT)
+    before = machine.show("NRestarts", "MainPID", "WatchdogTimestampMonotonic")
+    time.sleep(5)
+    after = machine.show("NRestarts", "MainPID", "WatchdogTimestampMonotonic", "ActiveState")
+    assert after["ActiveState"] == "active"
+    assert (after["NRestarts"], after["MainPID"]) == (before["NRestarts"], before["MainPID"])
+    assert int(after["WatchdogTimestampMonotonic"]) > int(before["WatchdogTimestampMonotonic"])
+    dropin.unlink()
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "restart", UNIT)
+    assert machine.show("WatchdogUSec")["WatchdogUSec"] == "30s"
+
+
+def test_port_443_needs_and_gets_only_cap_net_bind_service(
+    machine: Machine, ledger: Ledger
+) -> None:
+    edit_config(machine, [(r'bind: \["127\.0\.0\.1:8443"\]', 'bind: ["127.0.0.1:443"]')])
+    refused = machine.run("systemctl", "restart", UNIT, check=False)
+    assert refused.returncode != 0, "port 443 must not be bindable without the drop-in"
+    dropin = machine.path(f"/etc/systemd/system/{UNIT}.d/port-443.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(machine.path("/usr/share/doc/ct-appliance/port-443.conf"), dropin)
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "reset-failed", UNIT)
+    machine.run("systemctl", "restart", UNIT)
+    d = new_delivery()
+    status, answer = machine.post(
+        d.body, ledger.headers(d.body), url=WEBHOOK.replace(":8443", ":443")
+    )
+    assert (status, answer.get("status")) == (200, "accepted"), answer
+    d.delivery_id = answer["delivery_id"]
+    ledger.accepted.append(d)
+    caps = machine.run_text(
+        "sh", "-c", f"grep ^CapEff /proc/$(pgrep -P $(systemctl show -P MainPID {UNIT}))/status"
+    )
+    assert caps.split()[-1] == "0000000000000400", caps  # CAP_NET_BIND_SERVICE alone
+    dropin.unlink()
+    edit_config(machine, [(r'bind: \["127\.0\.0\.1:443"\]', 'bind: ["127.0.0.1:8443"]')])
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "restart", UNIT)
+    assert_all_imported(machine, [d])
 
 
 def test_reload_switches_from_hmac_to_bearer(machine: Machine, ledger: Ledger) -> None:
