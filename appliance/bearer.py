@@ -57,7 +57,7 @@ class BearerVerifier:
         self.cfg = cfg
         self._keys: dict[str | None, tuple[Any, str]] = {}  # kid -> (key, family)
         self._loaded_at = 0.0
-        self._last_fetch = 0.0
+        self._last_kid_fetch = -REFETCH_MIN_SECONDS
         self._fetch_lock = trio.Lock()
         self._stop = trio.Event()
 
@@ -141,9 +141,11 @@ class BearerVerifier:
     async def _fetch(self, *, force: bool = False) -> bool:
         """Fetch the JWKS (rate-limited unless forced); keep the old keys on failure."""
         async with self._fetch_lock:
-            if not force and time.monotonic() - self._last_fetch < REFETCH_MIN_SECONDS:
-                return False
-            self._last_fetch = time.monotonic()
+            if not force:
+                # Unknown-kid fetches are what a forger can provoke: at most one a minute.
+                if time.monotonic() - self._last_kid_fetch < REFETCH_MIN_SECONDS:
+                    return False
+                self._last_kid_fetch = time.monotonic()
             url = self.cfg.jwks_url
             assert url is not None
             try:
@@ -173,7 +175,7 @@ class BearerVerifier:
         if not self.cfg.jwks_url:
             return
         while not self._stop.is_set():
-            with trio.move_on_after(self.cfg.jwks_refresh_seconds if self._keys else 5.0):
+            with trio.move_on_after(self.cfg.jwks_refresh_seconds if self._keys else 2.0):
                 await self._stop.wait()
                 return
             await self._fetch(force=True)
