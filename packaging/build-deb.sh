@@ -24,7 +24,7 @@ install -m 0755 "$binary" "$root/usr/bin/ct-appliance"
 install -m 0644 systemd/ct-appliance.service "$root/lib/systemd/system/"
 install -m 0644 packaging/config.yaml "$root/etc/ct-appliance/config.yaml"
 install -m 0755 packaging/example-import "$root/usr/lib/ct-appliance/example-import"
-for doc in docs/INSTALL.md config.example.yaml README.md; do
+for doc in docs/INSTALL.md config.example.yaml README.md systemd/port-443.conf; do
     [ -f "$doc" ] && install -m 0644 "$doc" "$root/usr/share/doc/ct-appliance/"
 done
 cat > "$root/usr/share/doc/ct-appliance/copyright" <<TXT
