@@ -1,7 +1,8 @@
 # Release artefacts: the onefile binary, the .deb, the system test on a booted Debian, and the
 # unit's security exposure. Included by the main Makefile (VENV, PY, STAMP come from there).
 #   make binary          build dist/ct-appliance (PyInstaller onefile, reproducible)
-#   make binary-repro    build twice from clean and check both have the same sha256
+#   make binary-repro    build the committed tree twice from clean: same sha256?
+#   make startup-time    median time from exec to /readyz 200 of dist/ct-appliance
 #   make deb             build dist/ct-appliance_<version>_amd64.deb with dpkg-deb
 #   make test-system     boot Debian bookworm in systemd-nspawn, install the .deb, prove it
 #   make security-score  systemd-analyze security of the unit; fails above 1.5
@@ -12,7 +13,7 @@ DEB            = dist/ct-appliance_$(APP_VERSION)_amd64.deb
 # Whole tenths: 15 means an exposure of 1.5 (systemd-analyze's --threshold unit).
 SECURITY_MAX  ?= 15
 
-.PHONY: binary binary-repro deb test-system security-score
+.PHONY: binary binary-repro startup-time deb test-system security-score
 
 $(BUILD_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[build]'
@@ -22,11 +23,10 @@ binary: $(BUILD_STAMP)
 	@sh build/binary.sh $(PY)
 
 binary-repro: $(BUILD_STAMP)
-	@sh build/binary.sh $(PY) >/dev/null && sha256sum dist/ct-appliance | tee build/work/sha256.1
-	@sh build/binary.sh $(PY) >/dev/null && sha256sum dist/ct-appliance | tee build/work/sha256.2
-	@cmp -s build/work/sha256.1 build/work/sha256.2 \
-		&& echo "reproducible: two clean builds gave the same sha256" \
-		|| { echo "NOT reproducible: the two builds differ"; exit 1; }
+	@sh build/repro.sh $(PY)
+
+startup-time: binary
+	@$(PY) build/startup_time.py dist/ct-appliance 9
 
 deb: binary
 	@sh packaging/build-deb.sh $(APP_VERSION) dist/ct-appliance $(DEB)
