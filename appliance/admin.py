@@ -56,7 +56,7 @@ async def status_document(rt: Runtime, window_seconds: float) -> dict[str, Any]:
                 "cost_basis_run_id": r["run"],
                 "flows": len(r["flows"]),
                 "attempts": len(r["attempts"]),
-                "last_error": (r["attempts"][-1].get("error") if r["attempts"] else None),
+                "last_error": (r["attempts"][-1].get("summary") if r["attempts"] else None),
             }
             for r in recent_dead
         ],

@@ -17,9 +17,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disab
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from . import errors
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 IMPORT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 MAX_WINDOW_SECONDS = 3600
+ANSWERS = [("accepted", 200), ("duplicate", 200)] + [
+    (cls.code, cls.status) for cls in errors.HTTPError.__subclasses__()
+]
 
 # (healthy, investigate) per signal; spec §1. Between the two a signal is "watch".
 THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -230,14 +235,9 @@ class Metrics:
         self.window = Window()
         for result in ("new", "duplicate"):
             self.flow_ids.labels(result)
-        # Series that graphs and alert rules divide by exist from the start, at 0.
-        for outcome, status in (
-            ("accepted", 200),
-            ("duplicate", 200),
-            ("unauthorized", 401),
-            ("unavailable", 503),
-            ("internal", 500),
-        ):
+        # Every answer the webhook can give exists from the start at 0, so rate() in
+        # Prometheus counts the first occurrence of each outcome too.
+        for outcome, status in ANSWERS:
             self.requests.labels(outcome, str(status))
         for mode in ("hmac", "bearer"):
             self.signature_failures.labels(mode)
