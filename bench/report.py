@@ -18,6 +18,7 @@ COLUMNS = [
     # key, header, format
     ("rps", "req/s", "{:,.0f}"),
     ("ratio", "× bare", "{:.2f}"),
+    ("cpu_ratio", "× bare by CPU", "{:.2f}"),
     ("sat_p50_ms", "sat p50 ms", "{:.1f}"),
     ("sat_p99_ms", "sat p99 ms", "{:.1f}"),
     ("paced_p50_ms", "100/s p50 ms", "{:.1f}"),
@@ -25,6 +26,7 @@ COLUMNS = [
     ("cpu_ms", "CPU ms/req", "{:.3f}"),
     ("busy_pct", "srv CPU %", "{:.0f}"),
     ("private_mib", "private MiB", "{:.0f}"),
+    ("anon_mib", "anon MiB", "{:.0f}"),
     ("ready_s", "ready s", "{:.2f}"),
     ("errors", "errors", "{:d}"),
     ("other_pct", "other on CPU 0 %", "{:.0f}"),
@@ -37,15 +39,22 @@ def median(values: list[Any]) -> Any:
 
 
 def add_ratios(rounds: list[dict[str, Row]]) -> None:
-    """Each round's req/s over the same round's bare (and seeded over the same round's app)."""
+    """Each round's req/s over the same round's bare (and seeded over the same round's app).
+
+    The CPU ratio is bare's CPU per request over the variant's: what the ratio would be if both
+    had a whole core to themselves, and so far less sensitive to other tenants of the machine.
+    It overstates a server that also waits (on fsync) rather than computes: compare srv CPU %."""
     for rnd in rounds:
         bare = rnd.get("bare", {}).get("rps")
+        bare_cpu = rnd.get("bare", {}).get("cpu_ms")
         app = rnd.get("app", {}).get("rps")
         for key, row in rnd.items():
             if row.get("rps") is None:
                 continue
             if bare and row.get("kind") == "http":
                 row["ratio"] = row["rps"] / bare
+            if bare_cpu and row.get("kind") == "http" and row.get("cpu_ms"):
+                row["cpu_ratio"] = bare_cpu / row["cpu_ms"]
             if app and key.startswith("idx"):
                 row["ratio_to_app"] = row["rps"] / app
 
@@ -76,6 +85,10 @@ def aggregate(
         agg["load_cpu_pct"] = median([r.get("load_cpu_pct") for r in ok])
         agg["wrk_cpu_pct"] = median([r.get("wrk_cpu_pct") for r in ok])
         agg["rps_by_round"] = [round(r["rps"]) if r.get("rps") else None for r in rows]
+        agg["p99_by_round"] = [r.get("paced_p99_ms") for r in rows]
+        agg["other_by_round"] = [r.get("other_pct") for r in rows]
+        agg["post_s"] = median([r.get("post_s") for r in ok])
+        agg["drain_s"] = median([r.get("drain_s") for r in ok])
         agg["notes"] = sorted({n for r in rows for n in r.get("notes", [])})
         agg["failed_rounds"] = [r["error"] for r in rows if r.get("error")]
         out.append(agg)
@@ -118,10 +131,21 @@ def notes(rows: list[Row], rounds: int) -> str:
         other_load = (row.get("load_cpu_pct") or 0) - (row.get("wrk_cpu_pct") or 0)
         if other_load > 20:
             extra.append(f"CPU {LOAD_CPU} (load) also {other_load:.0f}% busy with other work")
-        by_round = ", ".join("–" if v is None else f"{v:,}" for v in row.get("rps_by_round", []))
-        out.append(
-            f"- {row['label']}: req/s by round {by_round}" + "".join(f"; {e}" for e in extra)
-        )
+
+        def series(key: str, fmt: str, row: Row = row) -> str:
+            return ", ".join("–" if v is None else fmt.format(v) for v in row.get(key, []))
+
+        text = f"- {row['label']}: req/s by round {series('rps_by_round', '{:,}')}"
+        if any(v is not None for v in row.get("p99_by_round", [])):
+            text += f"; 100/s p99 ms {series('p99_by_round', '{:.1f}')}"
+        if any(v is not None for v in row.get("other_by_round", [])):
+            text += f"; other on CPU 0 % {series('other_by_round', '{:.0f}')}"
+        if row.get("drain_s") is not None:
+            text += (
+                f"; posting took {row['post_s']:.1f} s, importing all {row['drain_s']:.1f} s"
+                " (medians)"
+            )
+        out.append(text + "".join(f"; {e}" for e in extra))
     return "\n".join(out)
 
 

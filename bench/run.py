@@ -149,7 +149,7 @@ def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
                 row["notes"].append(f"py-spy: {err.decode(errors='replace').strip()[-200:]}")
         core1, gen1 = servers.cpu_ticks(servers.SERVER_CPU), servers.cpu_ticks(servers.LOAD_CPU)
         paced = load.paced(target.url, target.paced, s.paced_rate, s.paced_seconds)
-        row["private_mib"] = servers.private_mib(server.pid)
+        row["private_mib"], row["anon_mib"] = servers.memory_mib(server.pid) or (None, None)
         if not server.alive():
             raise RuntimeError(f"{v.key} server died; log tail:\n{server.log_tail()}")
     finally:
@@ -270,6 +270,7 @@ def run_import(ctx: Ctx, s: Settings, rdir: Path) -> dict[str, Any]:
                 break
             time.sleep(0.1)
         cpu1 = servers.cpu_seconds(server.pid)
+        memory = servers.memory_mib(server.pid) or (None, None)
         if posted is None:
             poster.kill()
             poster.communicate()
@@ -282,15 +283,14 @@ def run_import(ctx: Ctx, s: Settings, rdir: Path) -> dict[str, Any]:
             "rps": done / elapsed,
             "cpu_ms": (cpu1 - cpu0) * 1000 / done if done else None,
             "busy_pct": (cpu1 - cpu0) * 100 / elapsed,
-            "private_mib": servers.private_mib(server.pid),
+            "private_mib": memory[0],
+            "anon_mib": memory[1],
+            "post_s": posted["elapsed_s"],
+            "drain_s": elapsed,
             "ready_s": server.ready_seconds,
             "errors": sum(v for k, v in posted["statuses"].items() if not k.startswith("2"))
             + int(posted["errors"]),
-            "notes": notes
-            + [
-                f"{n} deliveries posted at concurrency 8 while importing; "
-                f"all posted after {posted['elapsed_s']:.1f} s, all imported after {elapsed:.1f} s"
-            ],
+            "notes": notes + [f"{n} deliveries posted at concurrency 8 while importing"],
         }
         return row
     finally:
@@ -512,8 +512,12 @@ def render(
         report.table(rows),
         "",
         "× bare: the variant's req/s over the bare server's in the same round (median of rounds). "
+        "× bare by CPU: bare's CPU per request over the variant's, same round: the ratio if each "
+        "had its core to itself (robust to other tenants; overstates a server that waits on fsync "
+        "rather than computes, see srv CPU %). "
         "CPU ms/req: server process tree utime+stime (children included) over the saturation run / "
-        "requests answered. private MiB: Private_Clean+Private_Dirty (smaps_rollup) after the run. "
+        "requests answered. private MiB: Private_Clean+Private_Dirty (smaps_rollup) after the run; "
+        "anon MiB: its Anonymous part (heap, stacks; not LMDB's mapped file). "
         "ready s: exec to the first /readyz 200 of that variant's servers. "
         "errors: non-2xx and socket errors, all rounds. other on CPU 0 %: busy time of the "
         "server's CPU during saturation that was not the server's (other tenants of a shared "

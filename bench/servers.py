@@ -143,8 +143,10 @@ def cpu_ticks(cpu: str) -> tuple[int, int]:
     raise LookupError(f"cpu{cpu} not in /proc/stat")
 
 
-def private_mib(root: int) -> float | None:
-    total_kb = 0
+def memory_mib(root: int) -> tuple[float, float] | None:
+    """(private, anonymous) MiB over the tree: Private_Clean+Private_Dirty, and Anonymous (heap,
+    stacks: what is not a mapped file such as LMDB's data file)."""
+    private_kb = anon_kb = 0
     seen = False
     for pid in process_tree(root):
         try:
@@ -154,8 +156,10 @@ def private_mib(root: int) -> float | None:
         seen = True
         for line in text.splitlines():
             if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total_kb += int(line.split()[1])
-    return round(total_kb / 1024, 1) if seen else None
+                private_kb += int(line.split()[1])
+            elif line.startswith("Anonymous:"):
+                anon_kb += int(line.split()[1])
+    return (round(private_kb / 1024, 1), round(anon_kb / 1024, 1)) if seen else None
 
 
 @dataclass
