@@ -70,6 +70,7 @@ class Dispatcher:
         self._idle = trio.Event()
         self._waiters: dict[int, list[_Waiter]] = {}
         self._last_prune = 0.0
+        self._retired: list[Attempt] = []
 
     # -- control ----------------------------------------------------------------------------
     def notify(self) -> None:
@@ -77,6 +78,7 @@ class Dispatcher:
 
     def reconfigure(self, cfg: ImporterConfig) -> None:
         """New attempts use the new settings; running attempts finish under the old ones."""
+        self._retired.append(self.attempt)
         self.cfg = cfg
         self.attempt = make_attempt(cfg)
         self.notify()
@@ -94,6 +96,8 @@ class Dispatcher:
                 scope.cancel()
             while self.running:
                 await self._idle.wait()
+        for attempt in [*self._retired, self.attempt]:
+            await attempt.aclose()
 
     # -- main loop --------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

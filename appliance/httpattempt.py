@@ -51,16 +51,19 @@ class HttpAttempt:
             ),
         )
 
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
     async def __call__(self, doc: dict[str, Any]) -> AttemptResult:
         body = json.dumps(doc).encode()
         headers = {
             **self.cfg.headers,
-            "content-type": "application/json",
-            "ct-delivery-id": doc["delivery_id"],
-            "ct-attempt": str(doc["attempt"]),
+            "Content-Type": "application/json",
+            "CT-Delivery-Id": doc["delivery_id"],
+            "CT-Attempt": str(doc["attempt"]),
         }
         if self.cfg.sign_secret is not None:
-            headers["ct-signature"] = sign(self.cfg.sign_secret.value, body)
+            headers["CT-Signature"] = sign(self.cfg.sign_secret.value, body)
         started = time.monotonic()
         try:
             async with self.client.stream("POST", self.url, content=body, headers=headers) as r:

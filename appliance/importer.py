@@ -44,6 +44,8 @@ class AttemptResult:
 class Attempt(Protocol):
     async def __call__(self, doc: dict[str, Any]) -> AttemptResult: ...
 
+    async def aclose(self) -> None: ...
+
 
 def backoff(attempt: int, cfg: ImporterConfig, rng: random.Random | None = None) -> float:
     """Delay before attempt `attempt + 1`: exponential from backoff_initial_seconds, capped at
@@ -102,6 +104,9 @@ class CommandAttempt:
         assert cfg.command is not None
         self.cfg = cfg
         self.argv = list(cfg.command)
+
+    async def aclose(self) -> None:
+        return None
 
     async def __call__(self, doc: dict[str, Any]) -> AttemptResult:
         started = time.monotonic()

@@ -30,6 +30,7 @@ fi
 for tool in debootstrap systemd-nspawn; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "rootfs.sh: installing debootstrap systemd-container" >&2
+        apt-get update -qq >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap systemd-container >&2
         break
     }

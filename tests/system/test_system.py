@@ -429,6 +429,9 @@ def test_unit_is_active_only_once_readyz_answers_200(machine: Machine) -> None:
     state = machine.show("Type", "NotifyAccess", "WatchdogUSec", "MainPID")
     assert state["Type"] == "notify"
     assert state["WatchdogUSec"] == "30s"
+    # The onefile binary unpacked itself into the private runtime directory, not /tmp.
+    unpacked = machine.run_text("ls", "/run/ct-appliance").split()
+    assert len(unpacked) == 1 and unpacked[0].startswith("_MEI"), unpacked
 
 
 def test_signed_delivery_is_imported_by_the_example_importer(
@@ -492,6 +495,25 @@ def test_port_443_needs_and_gets_only_cap_net_bind_service(
     machine.run("systemctl", "daemon-reload")
     machine.run("systemctl", "restart", UNIT)
     assert_all_imported(machine, [d])
+
+
+def test_a_broken_config_is_refused_on_reload_and_the_old_one_keeps_serving(
+    machine: Machine, ledger: Ledger
+) -> None:
+    good = machine.path(CONFIG).read_text()
+    machine.path(CONFIG).write_text(good.replace("  mode: hmac", "  mode: hmac\n  colour: red"))
+    main_pid = machine.show("MainPID")["MainPID"]
+    machine.run("systemctl", "reload", UNIT)
+    refused = wait_for(
+        "the refusal in the journal",
+        lambda: [line for line in machine.journal().splitlines() if "reload refused" in line],
+        10,
+    )
+    assert "auth.colour" in refused[-1], refused[-1]
+    state = machine.show("MainPID", "ActiveState", "SubState")
+    assert state == {"MainPID": main_pid, "ActiveState": "active", "SubState": "running"}
+    deliver(machine, ledger)  # still HMAC, still accepted
+    machine.path(CONFIG).write_text(good)
 
 
 def test_reload_switches_from_hmac_to_bearer(machine: Machine, ledger: Ledger) -> None:
