@@ -41,7 +41,8 @@ test-system: deb
 security-score:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 		echo "installing Debian's systemd package for systemd-analyze"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd \
+		>/dev/null; }
 	@out=$$(systemd-analyze security --offline=true --threshold=$(SECURITY_MAX) \
 		systemd/ct-appliance.service 2>&1); rc=$$?; echo "$$out" | tail -n 1; exit $$rc
 	@# For information: with the opt-in port-443 drop-in appended (later assignments win).
