@@ -6,8 +6,8 @@ set -eu
 
 cache=${1:-build/cache}
 root="$cache/bookworm-root"
-# Bump when the package list below changes, so an old cache is not reused.
-stamp_want="v2"
+# The cache is rebuilt whenever this script changes (package list, units masked...).
+stamp_want=$(sha256sum "$0" | cut -d' ' -f1)
 
 if [ -f "$root/.ct-rootfs" ] && [ "$(cat "$root/.ct-rootfs")" = "$stamp_want" ]; then
     echo "$root"

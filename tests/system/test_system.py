@@ -614,6 +614,21 @@ def test_kill_9_is_followed_by_a_restart_with_acknowledged_deliveries_intact(
     assert_all_imported(machine, batch)
 
 
+def test_status_accounts_for_every_acknowledged_delivery(machine: Machine, ledger: Ledger) -> None:
+    # The operator's view, as INSTALL.md shows it: the CLI as root beside the running server.
+    def settled() -> dict[str, Any] | None:
+        out = machine.run(
+            "env", "CREDENTIALS_DIRECTORY=/etc/ct-appliance", "ct-appliance", "status", "--json"
+        ).stdout
+        inbox = dict(json.loads(out)["inbox"])
+        return inbox if inbox["pending"] == inbox["importing"] == 0 else None
+
+    inbox = wait_for("the inbox to settle", settled, 60)
+    assert (inbox["done"], inbox["dead"]) == (len(ledger.accepted), 0), inbox
+    owners = machine.run_text("stat", "-c", "%U", "/var/lib/private/ct-appliance/data.mdb")
+    assert owners.strip() != "root", "the CLI must not take the store away from the service"
+
+
 def test_journald_has_json_lines(machine: Machine, ledger: Ledger) -> None:
     journal = machine.journal()
     records = []
