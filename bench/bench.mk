@@ -3,4 +3,4 @@
 .PHONY: bench
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	@$(PY) bench/run.py
