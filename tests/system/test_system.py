@@ -587,6 +587,39 @@ def test_stop_is_clean_and_loses_nothing(machine: Machine, ledger: Ledger) -> No
     assert_all_duplicates(machine, ledger, batch)
 
 
+def test_a_second_sigterm_during_the_drain_still_ends_in_a_clean_exit(
+    machine: Machine, ledger: Ledger
+) -> None:
+    # Under the default KillMode=control-group (a hand-written unit, another supervisor)
+    # systemd signals the server and the bootloader forwards its own SIGTERM too, so the
+    # server can get a second SIGTERM while it drains. Made deterministic here: a slow upload
+    # keeps the drain busy for a few seconds while the two signals arrive.
+    deliver(machine, ledger, 3)
+    server = machine.run_text("pgrep", "-P", machine.show("MainPID")["MainPID"]).split()[0]
+    seen = len(machine.journal().splitlines())
+    machine.sh(
+        "head -c 4000 /dev/zero | nohup curl -s -o /dev/null --limit-rate 1000 "
+        f"-H 'X-Cointracker-Signature: {'0' * 64}' --data-binary @- {WEBHOOK} "
+        ">/dev/null 2>&1 &"
+    )
+    time.sleep(1)
+    machine.run("kill", "-TERM", server)
+    time.sleep(0.5)
+    machine.run("kill", "-TERM", server, check=False)
+
+    def ended() -> dict[str, str] | None:
+        state = machine.show("ActiveState", "ExecMainCode", "ExecMainStatus")
+        return state if state["ActiveState"] in {"inactive", "failed"} else None
+
+    state = wait_for("the server to finish draining", ended, 40)
+    log = "\n".join(machine.journal().splitlines()[seen:])
+    machine.run("systemctl", "reset-failed", UNIT, check=False)
+    machine.run("systemctl", "start", UNIT)
+    assert (state["ExecMainCode"], state["ExecMainStatus"]) == ("1", "0"), (
+        f"the server died of the second signal instead of exiting 0: {state}\n{log[-2000:]}"
+    )
+
+
 @pytest.mark.parametrize("victim", ["main process (bootloader)", "server process (its child)"])
 def test_kill_9_is_followed_by_a_restart_with_acknowledged_deliveries_intact(
     machine: Machine, ledger: Ledger, victim: str
