@@ -13,7 +13,6 @@ once a second so that `inbox retry` and `importer pause|resume` from the CLI tak
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -122,34 +121,37 @@ class Dispatcher:
                 with trio.move_on_after(delay):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                await trio.sleep(0.002)  # let a burst of accepted deliveries land in one look
 
     async def _tick(self, nursery: trio.Nursery) -> float | None:
-        store = self.rt.store
-        state = await trio.to_thread.run_sync(store.read, self.tr.paused_txn)
-        if state["paused"] != self.paused:
-            self.paused = bool(state["paused"])
-            log.warning(
-                "importer paused" if self.paused else "importer resumed", extra=fields(**state)
-            )
-        await self._maybe_prune()
+        """One look at the store: the pause flag and what is due, then start it all in one
+        commit. Returns when the next backoff expires (None: nothing waiting)."""
         free = self.cfg.concurrency - len(self.running)
-        if self.paused or free <= 0 or self._stopping:
-            return None
         exclude = set(self.running)
         now = time.time()
-        ready, wake = await trio.to_thread.run_sync(
-            store.read, lambda txn: self.tr.ready_txn(txn, now, free, exclude)
+
+        def look(txn: Any) -> tuple[dict[str, Any], list[int], float | None]:
+            state = self.tr.paused_txn(txn)
+            if state["paused"] or free <= 0 or self._stopping:
+                return state, [], None
+            return (state, *self.tr.ready_txn(txn, now, free, exclude))
+
+        state, ready, wake = await trio.to_thread.run_sync(self.rt.store.read, look)
+        if state["paused"] != self.paused:
+            self.paused = bool(state["paused"])
+            what = "importer paused" if self.paused else "importer resumed"
+            log.warning(what, extra=fields(**state))
+        await self._maybe_prune()
+        if not ready or self.paused or self._stopping:
+            return wake
+        started = await self.rt.committer.submit(
+            lambda txn: [self.tr.start_txn(txn, seq, time.time()) for seq in ready]
         )
-        for seq in ready:
-            started = await self.rt.committer.submit(
-                functools.partial(self.tr.start_txn, seq=seq, now=time.time())
-            )
-            if started is None:
+        for seq, item in zip(ready, started, strict=True):
+            if item is None:
                 continue
             scope = trio.CancelScope()
             self.running[seq] = scope
-            nursery.start_soon(self._run_attempt, seq, started[0], started[1], scope)
+            nursery.start_soon(self._run_attempt, seq, item[0], item[1], scope)
         return wake
 
     async def _run_attempt(

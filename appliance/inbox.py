@@ -8,6 +8,8 @@ Sub-databases of the one LMDB environment (see store.py):
     bodies      seq                        -> raw body bytes, exactly as received and verified
     attempts    seq + attempt (4 bytes)    -> captured output of one importer attempt
     flows       flow key                   -> seq of the delivery that claimed the flow id
+                                              (index environment, see store.py)
+    index_meta  applied_seq, boot_id, clean -> how far the index has applied the inbox
     queue       seq                        -> (next attempt time, importing flag) while the
                                               delivery is pending or importing
     dead        seq                        -> b"" while the delivery is dead
@@ -40,6 +42,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .payload import Delivery
@@ -140,7 +143,8 @@ class Inbox:
         skey = seq_key(seq)
         new: list[str] = []
         owners: set[int] = set()
-        put, get, flows = txn.put, txn.get, dbs.flows
+        itxn = txn.index  # the hot loop talks to the index transaction directly
+        put, get, flows = itxn.put, itxn.get, dbs.flows
         for flow_id in item.delivery.flow_ids:
             key = flow_key(flow_id)
             if put(key, skey, overwrite=False, db=flows):
@@ -169,6 +173,7 @@ class Inbox:
         txn.put(skey, json.dumps(record, separators=(",", ":")).encode(), db=dbs.deliveries)
         txn.put(skey, item.body, db=dbs.bodies)
         txn.put(skey, queue_value(item.received_at, False), db=dbs.queue)
+        itxn.put(b"applied_seq", skey, db=dbs.index_meta)
         return Accepted(
             "accepted", delivery_id(self.instance, seq), seq, len(new), dup, frozenset(owners)
         )
@@ -310,12 +315,59 @@ class Inbox:
     def rebuild_index_txn(self, txn: Txn) -> int:
         """Drop the flow index and re-derive it from the records in seq order."""
         txn.drop(self.dbs.flows, delete=False)
+        txn.put(b"applied_seq", seq_key(0), db=self.dbs.index_meta)
+        return self._replay_txn(txn)
+
+    def _replay_txn(self, txn: Txn) -> int:
+        """Apply every record newer than the index's applied_seq; returns flow ids claimed."""
+        raw = txn.get(b"applied_seq", db=self.dbs.index_meta)
+        applied = key_seq(raw) if raw is not None else 0
         claimed = 0
+        put, flows = txn.index.put, self.dbs.flows
+        last = applied
         with txn.cursor(db=self.dbs.deliveries) as cur:
-            for key, raw in cur:
-                for fid in json.loads(raw)["flows"]:
-                    claimed += txn.put(flow_key(fid), key, overwrite=False, db=self.dbs.flows)
+            if cur.set_range(seq_key(applied + 1)):
+                for key, value in cur:
+                    for fid in json.loads(value)["flows"]:
+                        claimed += put(flow_key(fid), key, overwrite=False, db=flows)
+                    last = key_seq(key)
+        txn.put(b"applied_seq", seq_key(last), db=self.dbs.index_meta)
         return claimed
+
+    def recover_index(self) -> dict[str, Any]:
+        """At server start: trust, catch up or rebuild the index (see store.py), then mark it
+        open. A kill -9 is caught up; a reboot with the index open and unflushed is rebuilt."""
+        boot = _boot_id()
+
+        def recover(txn: Txn) -> dict[str, Any]:
+            meta = self.dbs.index_meta
+            clean = txn.get(b"clean", db=meta) == b"1"
+            last_boot = txn.get(b"boot_id", db=meta)
+            empty = (
+                txn.stat(self.dbs.flows)["entries"] == 0
+                and txn.get(b"applied_seq", db=meta) is None
+            )
+            trusted = empty or clean or (last_boot is not None and last_boot.decode() == boot)
+            if not trusted:
+                txn.drop(self.dbs.flows, delete=False)
+                txn.put(b"applied_seq", seq_key(0), db=meta)
+            claimed = self._replay_txn(txn)
+            txn.put(b"clean", b"0", db=meta)
+            txn.put(b"boot_id", boot.encode(), db=meta)
+            return {"rebuilt": not trusted, "replayed_flow_ids": claimed}
+
+        return self.store.write(recover)
+
+    def mark_index_clean(self) -> None:
+        """At a clean stop, after the last write: the index may be trusted after a reboot."""
+        self.store.write(lambda txn: txn.put(b"clean", b"1", db=self.dbs.index_meta))
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def probe_txn(store: Store) -> Any:

@@ -99,7 +99,12 @@ async def run(loaded: Loaded) -> None:
     store = Store(cfg.store.path, initial_map_bytes=cfg.store.initial_map_bytes)
     lock = _lock_store(store)
     try:
-        await _run(loaded, store)
+        inbox = Inbox(store)
+        recovered = inbox.recover_index()
+        if recovered["rebuilt"] or recovered["replayed_flow_ids"]:
+            log.warning("flow index recovered from the inbox", extra=logs.fields(**recovered))
+        await _run(loaded, store, inbox)
+        inbox.mark_index_clean()
     finally:
         store.close()
         os.close(lock)
@@ -117,9 +122,8 @@ def _lock_store(store: Store) -> int:
     return fd
 
 
-async def _run(loaded: Loaded, store: Store) -> None:
+async def _run(loaded: Loaded, store: Store, inbox: Inbox) -> None:
     cfg = loaded.config
-    inbox = Inbox(store)
     committer = GroupCommitter(store)
     metrics = Metrics()
     verifier = make_verifier(cfg)

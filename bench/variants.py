@@ -12,7 +12,7 @@
 
 Imports are paused for the accept variants (`ct-appliance importer pause`), so that they measure
 the accept path alone; the import variant measures the other half. Seeded stores are built once per
-run by the app's bulk loader (`python -m appliance.bench_seed --config CFG --flows N`) and copied
+run by the app's bulk loader (`python bench/seed.py --config CFG --flows N`) and copied
 for each round, so every round starts from the same index.
 """
 
@@ -129,7 +129,7 @@ def check_app(ctx: Ctx) -> str | None:
 def seed_command() -> list[str]:
     """The bulk loader's argv, to which `--config CFG --flows N` is appended."""
     custom = os.environ.get("BENCH_SEED_COMMAND")
-    return shlex.split(custom) if custom else [sys.executable, "-m", "appliance.bench_seed"]
+    return shlex.split(custom) if custom else [sys.executable, "bench/seed.py"]
 
 
 def seed_available(ctx: Ctx) -> str | None:
@@ -137,9 +137,8 @@ def seed_available(ctx: Ctx) -> str | None:
         return ctx.app_reason
     if os.environ.get("BENCH_SEED_COMMAND"):
         return None
-    code = "import importlib.util as u, sys; sys.exit(u.find_spec('appliance.bench_seed') is None)"
-    if subprocess.run([sys.executable, "-c", code], cwd=ctx.root).returncode != 0:
-        return "no bulk loader: appliance.bench_seed does not exist"
+    if not (ctx.root / "bench" / "seed.py").exists():
+        return "no bulk loader: bench/seed.py does not exist"
     return None
 
 

@@ -176,3 +176,39 @@ def test_crash_recovery_returns_importing_to_pending_as_rerun(tmp_path: Path) ->
     rec = store.read(lambda t: inbox.record_txn(t, seq))
     assert rec is not None and rec["state"] == "pending" and rec["reruns"] == 1
     assert json.loads(json.dumps(rec))["attempts"][0]["outcome"] == "interrupted"
+
+
+def test_index_catches_up_after_a_crash_between_the_two_commits(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    inbox = Inbox(store)
+    inbox.recover_index()
+    store.write(lambda t: inbox.accept_txn(t, incoming(["a", "b"])))
+    second = store.write(lambda t: inbox.accept_txn(t, incoming(["c"])))
+    assert second.seq == 2
+
+    # The inbox commit of delivery 2 landed; its index commit did not (process killed between).
+    def lose_index_commit(t: object) -> None:
+        from appliance.inbox import flow_key, seq_key
+
+        t.delete(flow_key("c"), db=store.dbs.flows)  # type: ignore[attr-defined]
+        t.put(b"applied_seq", seq_key(1), db=store.dbs.index_meta)  # type: ignore[attr-defined]
+
+    store.write(lose_index_commit)
+    assert inbox.flows(["c"])[0]["known"] is False
+    store.close()
+    store = Store(tmp_path)
+    inbox = Inbox(store)
+    assert inbox.recover_index() == {"rebuilt": False, "replayed_flow_ids": 1}
+    assert inbox.flows(["c"])[0]["delivery_id"] == inbox.delivery_id_of(2)
+
+
+def test_index_left_open_across_a_reboot_is_rebuilt(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    inbox = Inbox(store)
+    inbox.recover_index()
+    store.write(lambda t: inbox.accept_txn(t, incoming(["a", "b"])))
+    store.write(lambda t: t.put(b"boot_id", b"another-boot", db=store.dbs.index_meta))
+    assert inbox.recover_index() == {"rebuilt": True, "replayed_flow_ids": 2}
+    inbox.mark_index_clean()
+    store.write(lambda t: t.put(b"boot_id", b"another-boot", db=store.dbs.index_meta))
+    assert inbox.recover_index() == {"rebuilt": False, "replayed_flow_ids": 0}  # clean: trusted
