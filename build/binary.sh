@@ -22,7 +22,7 @@ if [ -n "${CT_BUILD_COMMIT:-}" ]; then
     commit=$CT_BUILD_COMMIT
 else
     commit=$(git rev-parse --short=12 HEAD)
-    if [ -n "$(git status --porcelain -- appliance build/entry.py build/ct-appliance.spec)" ]; then
+    if [ -n "$(git status --porcelain -- appliance build/ct-appliance.py build/ct-appliance.spec)" ]; then
         commit="$commit-dirty"
     fi
 fi

@@ -1,4 +1,4 @@
-"""PyInstaller entry point of the onefile binary: the same `main` as the console script."""
+"""PyInstaller entry point of the onefile binary (named so that its errors say ct-appliance)."""
 
 import sys
 
