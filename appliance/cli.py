@@ -165,8 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-def load(args: argparse.Namespace) -> config_mod.Loaded:
-    return config_mod.load(args.config or config_mod.default_path())
+def load(args: argparse.Namespace, *, resolve_secrets: bool = False) -> config_mod.Loaded:
+    """The config for an operator command; secrets are only read where they are used."""
+    path = args.config or config_mod.default_path()
+    return config_mod.load(path, resolve_secrets=resolve_secrets)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ def admin_get(cfg: config_mod.Config, path: str, timeout: float = 2.0) -> dict[s
 
 
 def check_config(args: argparse.Namespace) -> int:
-    loaded = load(args)
+    loaded = load(args, resolve_secrets=True)
     cfg = loaded.config
     new = summary(cfg)
     running = admin_get(cfg, "/status", timeout=1.0)

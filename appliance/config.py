@@ -171,23 +171,31 @@ def default_path() -> str:
     return os.environ.get("CT_APPLIANCE_CONFIG") or DEFAULT_PATH
 
 
-def load(path: str | os.PathLike[str]) -> Loaded:
+def load(path: str | os.PathLike[str], *, resolve_secrets: bool = True) -> Loaded:
+    """Load and validate a config file. Operator commands that never use a secret pass
+    resolve_secrets=False, so they work without systemd's ${CREDENTIALS_DIRECTORY}."""
     name = str(path)
     try:
         text = Path(name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{name}: cannot read: {e}"]) from None
-    return loads(text, name, file_mode=_mode(name))
+    return loads(text, name, file_mode=_mode(name), resolve_secrets=resolve_secrets)
 
 
-def loads(text: str, name: str = "config.yaml", *, file_mode: int | None = None) -> Loaded:
+def loads(
+    text: str,
+    name: str = "config.yaml",
+    *,
+    file_mode: int | None = None,
+    resolve_secrets: bool = True,
+) -> Loaded:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark is not None else name
         raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
-    b = _Builder(name)
+    b = _Builder(name, resolve_secrets)
     if node is None:
         raise ConfigError([f"{name}:1: importer: required key is missing"])
     cfg = b.build(Config, node, "")
@@ -213,8 +221,9 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 class _Builder:
     """Walks YAML nodes against dataclass types, recording problems and the line of every key."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, resolve_secrets: bool = True) -> None:
         self.name = name
+        self.resolve_secrets = resolve_secrets
         self.problems: list[str] = []
         self.lines: dict[str, int] = {}
         self.value_secrets: list[str] = []
@@ -327,6 +336,9 @@ class _Builder:
             return None
         if src.value is not None:
             self.value_secrets.append(path)
+        if not self.resolve_secrets:
+            return Secret(b"", "not resolved (operator command)")
+        if src.value is not None:
             raw, where = src.value, "value in the config file"
         elif src.env is not None:
             env_value = os.environ.get(src.env)

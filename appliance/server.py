@@ -18,6 +18,7 @@ commits what is queued, the store closes, and the process exits 0.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -137,8 +138,12 @@ async def _run(loaded: Loaded, store: Store, inbox: Inbox) -> None:
     web_cfg = _hyper_config(list(cfg.listen.bind), cfg, tls)
     admin_cfg = _hyper_config([cfg.admin.bind], cfg, None)
 
+    shutdown = trio.Event()
     async with trio.open_nursery() as outer:
         await outer.start(committer.run)
+        # Signals are handled until the process ends: a second SIGTERM (systemd's default
+        # KillMode signals the onefile bootloader and its child) must not cut the drain short.
+        signals_scope = await outer.start(_signals, rt, shutdown, tls)
         async with trio.open_nursery() as aux:
             rt.nursery = aux
             try:
@@ -151,22 +156,22 @@ async def _run(loaded: Loaded, store: Store, inbox: Inbox) -> None:
             await aux.start(dispatcher.run)
             aux.start_soon(_probe_store, rt)
             aux.start_soon(sdnotify.watchdog_loop)
-            await _serve_until_stopped(rt, web_cfg, admin_cfg, tls)
+            await _serve_until_stopped(rt, web_cfg, admin_cfg, shutdown)
             # Listeners are closed and in-flight requests answered.
             log.info("listeners closed; stopping importer runs")
             await dispatcher.stop(rt.live.config.importer.shutdown_grace_seconds)
             rt.live.verifier.stop()
             aux.cancel_scope.cancel()
         committer.close()
+        signals_scope.cancel()
     log.info("stopped cleanly")
 
 
 async def _serve_until_stopped(
-    rt: Runtime, web_cfg: _HyperConfig, admin_cfg: _HyperConfig, tls: TLSHolder | None
+    rt: Runtime, web_cfg: _HyperConfig, admin_cfg: _HyperConfig, shutdown: trio.Event
 ) -> None:
-    """Serve both listeners until SIGTERM/SIGINT; return once in-flight requests are done."""
+    """Serve both listeners until `shutdown`; return once in-flight requests are done."""
     cfg = rt.live.config
-    shutdown = trio.Event()
     async with trio.open_nursery() as web:
         binds = await web.start(
             lambda task_status: hypercorn_serve(
@@ -184,7 +189,6 @@ async def _serve_until_stopped(
                 task_status=task_status,
             )
         )
-        await web.start(_signals, rt, shutdown, tls)
         log.info(
             "ready",
             extra=logs.fields(
@@ -223,19 +227,24 @@ async def _signals(
     shutdown: trio.Event,
     tls: TLSHolder | None,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        task_status.started()
+    with (
+        trio.CancelScope() as scope,
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
+    ):
+        task_status.started(scope)
         async for signum in signals:
-            if signum == signal.SIGHUP:
+            name = signal.Signals(signum).name
+            if shutdown.is_set():
+                log.info("already stopping; signal ignored", extra=logs.fields(signal=name))
+            elif signum == signal.SIGHUP:
                 await reload(rt, tls)
-                continue
-            log.info("shutdown requested", extra=logs.fields(signal=signal.Signals(signum).name))
-            sdnotify.notify("STOPPING=1")
-            rt.draining = True
-            shutdown.set()
-            return
+            else:
+                log.info("shutdown requested", extra=logs.fields(signal=name))
+                sdnotify.notify("STOPPING=1")
+                rt.draining = True
+                shutdown.set()
 
 
 async def reload(rt: Runtime, tls: TLSHolder | None) -> bool:
@@ -303,7 +312,35 @@ def main(config_path: str) -> int:
     logs.setup(cfg.log.level, cfg.log.format)
     try:
         trio.run(run, loaded)
-    except ApplianceError as e:
-        log.error("cannot start", extra=logs.fields(error=str(e)))
-        return 1
+    except BaseExceptionGroup as group:
+        return _startup_failure(group, cfg)
+    except (ApplianceError, OSError) as e:
+        return _startup_failure(BaseExceptionGroup("start", [e]), cfg)
     return 0
+
+
+def _startup_failure(group: BaseExceptionGroup[BaseException], cfg: Config) -> int:
+    """Known failures become one clear log line and exit 1; anything else is a bug: re-raise."""
+    known, rest = group.split((ApplianceError, OSError))
+    if rest is not None:
+        raise rest
+    assert known is not None
+    for e in _leaves(known):
+        if isinstance(e, OSError) and e.errno in (
+            errno.EADDRINUSE,
+            errno.EACCES,
+            errno.EADDRNOTAVAIL,
+        ):
+            binds = ", ".join([*cfg.listen.bind, cfg.admin.bind])
+            why = f"cannot listen on {binds}: {e.strerror}"
+            log.error("cannot start", extra=logs.fields(error=why))
+        else:
+            log.error("cannot start", extra=logs.fields(error=str(e)))
+    return 1
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

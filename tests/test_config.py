@@ -139,3 +139,12 @@ def test_any_text_gives_a_config_or_a_config_error(text: str) -> None:
         config.loads(text)
     except ConfigError as e:
         assert all(p.startswith("config.yaml") for p in e.problems)
+
+
+def test_operator_commands_need_no_credentials_directory(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    text = "importer: {command: [a]}\nauth: {hmac: {secrets: [{file: '${CREDENTIALS_DIRECTORY}/s'}]}}\n"
+    with pytest.raises(ConfigError):
+        config.loads(text)
+    cfg = config.loads(text, resolve_secrets=False).config
+    assert cfg.auth.hmac is not None and cfg.auth.hmac.secrets[0].value == b""

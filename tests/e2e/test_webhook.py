@@ -302,3 +302,38 @@ def test_no_answer_or_log_line_leaks_the_secret(appliance: Appliance) -> None:
     r = appliance.post(body, secret="wrong")
     assert SECRET not in r.text and sign(body) not in r.text
     assert SECRET not in appliance.logs()
+
+
+def test_a_second_sigterm_during_the_drain_still_exits_0(appliance: Appliance) -> None:
+    body = delivery(["twice-1"])
+    head = (
+        b"POST /webhooks/cointracker HTTP/1.1\r\nHost: x\r\n"
+        + f"X-Cointracker-Signature: {sign(body)}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    assert appliance.proc is not None
+    with socket.create_connection(("127.0.0.1", appliance.port), timeout=15) as s:
+        s.sendall(head + body[:5])
+        time.sleep(0.3)
+        appliance.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        appliance.proc.send_signal(signal.SIGTERM)  # as systemd and the bootloader both do
+        time.sleep(0.2)
+        s.sendall(body[5:])
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert appliance.proc.wait(20) == 0
+    assert "already stopping; signal ignored" in appliance.logs()
+
+
+def test_a_taken_port_is_one_clear_line_and_exit_1(
+    appliance: Appliance, make_appliance: Any
+) -> None:
+    other = make_appliance(sub="b")
+    other.config["listen"]["bind"] = [f"127.0.0.1:{appliance.port}"]
+    other.write_config()
+    other.start(wait=False)
+    assert other.proc is not None
+    assert other.proc.wait(20) == 1
+    assert "Traceback" not in other.logs()
+    failure = [line for line in other.log_lines() if line.get("msg") == "cannot start"]
+    assert failure and "cannot listen on" in failure[0]["error"]
