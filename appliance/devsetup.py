@@ -41,6 +41,7 @@ def write_config(http_importer: bool) -> None:
         f'admin: {{bind: "127.0.0.1:{ADMIN_PORT}"}}\n'
         "log: {level: info, format: text}\n"
     )
+    CONFIG.chmod(0o600)  # it names the secret file and the importer's environment
 
 
 def main() -> None:
