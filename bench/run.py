@@ -245,9 +245,27 @@ def imported_count(ctx: Ctx, admin: int, cfg: Path) -> int | None:
     return None
 
 
-def run_import(ctx: Ctx, s: Settings, rdir: Path) -> dict[str, Any]:
+def run_import(ctx: Ctx, s: Settings, rdir: Path, http: bool = False) -> dict[str, Any]:
+    """Deliveries imported per second; `http`: importer.url pointing at a trivial service (the
+    bare ASGI server, on the load CPU) instead of the /bin/true command."""
     store = rdir / "store"
-    server, url, admin, cfg, notes = variants.start_app(ctx, rdir, store, pause=False)
+    service = None
+    importer_url = None
+    if http:
+        port = servers.free_port()
+        argv = [sys.executable, str(HERE / "bare_asgi.py"), "--bind", f"127.0.0.1:{port}"]
+        service = servers.start(
+            "import-service", argv, rdir / "service.log", port, "/", cpu=servers.LOAD_CPU
+        )
+        importer_url = f"http://127.0.0.1:{port}/import"
+    try:
+        server, url, admin, cfg, notes = variants.start_app(
+            ctx, rdir, store, pause=False, importer_url=importer_url
+        )
+    except BaseException:
+        if service is not None:
+            service.stop()
+        raise
     try:
         if imported_count(ctx, admin, cfg) is None:
             raise NotAvailable("no count of done deliveries in admin /status or `status --json`")
@@ -295,6 +313,8 @@ def run_import(ctx: Ctx, s: Settings, rdir: Path) -> dict[str, Any]:
         return row
     finally:
         server.stop()
+        if service is not None:
+            service.stop()
         variants.remove_store(store)
 
 
@@ -436,7 +456,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 try:
                     rnd[v.key] = (
-                        run_import(ctx, s, rdir)
+                        run_import(ctx, s, rdir, http=v.key == "importhttp")
                         if v.kind == "import"
                         else run_http(ctx, s, v, rdir)
                     )

@@ -52,12 +52,29 @@ def main() -> int:
             for d in range(deliveries):
                 flows = ids[d * PER_DELIVERY : (d + 1) * PER_DELIVERY]
                 rec = {
-                    "seq": d + 1, "received_at": now, "run": f"seed-run-{d // 20}",
-                    "user": "seed-user", "state": "done", "flows": flows, "duplicate_flows": 0,
-                    "in_body_duplicates": 0, "body_bytes": 0, "next_at": now, "reruns": 0,
-                    "attempts": [{"n": 1, "started_at": now, "ended_at": now,
-                                  "outcome": "success", "summary": "seeded", "duration": 0}],
-                    "done_at": now, "body_pruned_at": now,
+                    "seq": d + 1,
+                    "received_at": now,
+                    "run": f"seed-run-{d // 20}",
+                    "user": "seed-user",
+                    "state": "done",
+                    "flows": flows,
+                    "duplicate_flows": 0,
+                    "in_body_duplicates": 0,
+                    "body_bytes": 0,
+                    "next_at": now,
+                    "reruns": 0,
+                    "attempts": [
+                        {
+                            "n": 1,
+                            "started_at": now,
+                            "ended_at": now,
+                            "outcome": "success",
+                            "summary": "seeded",
+                            "duration": 0,
+                        }
+                    ],
+                    "done_at": now,
+                    "body_pruned_at": now,
                 }
                 yield seq_key(d + 1), json.dumps(rec, separators=(",", ":")).encode()
 
@@ -76,8 +93,15 @@ def main() -> int:
     store.write(load_index)
     inbox.mark_index_clean()
     store.close()
-    print(json.dumps({"flows": args.flows, "deliveries": deliveries,
-                      "seconds": round(time.perf_counter() - started, 1)}))
+    print(
+        json.dumps(
+            {
+                "flows": args.flows,
+                "deliveries": deliveries,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
     return 0
 
 

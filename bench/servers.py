@@ -70,12 +70,23 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes] | 
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(_get(port, path))
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 chunks.append(chunk)
+                # Stop at Content-Length: a server may keep the socket open after answering.
+                data = b"".join(chunks)
+                head, sep, body = data.partition(b"\r\n\r\n")
+                if sep:
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length" and len(body) >= int(value):
+                            break
+                    else:
+                        continue
+                    break
     except OSError:
         return None
     data = b"".join(chunks)
@@ -217,12 +228,13 @@ def start(
     need_200: bool = True,
     timeout: float = 30.0,
     env: dict[str, str] | None = None,
+    cpu: str | None = None,
 ) -> Server:
-    """Exec argv pinned to SERVER_CPU; return once GET ready_path answers (200, or anything)."""
+    """Exec argv pinned to `cpu` (default SERVER_CPU); return once GET ready_path answers."""
     log = open(log_path, "ab")
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        pinned(SERVER_CPU, argv),
+        pinned(cpu or SERVER_CPU, argv),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -76,21 +76,28 @@ def rel(path: Path, root: Path) -> str:
 
 
 def app_config(
-    ctx: Ctx, cfg_path: Path, store: Path, importer: list[str] | None = None
+    ctx: Ctx,
+    cfg_path: Path,
+    store: Path,
+    importer: list[str] | None = None,
+    importer_url: str | None = None,
 ) -> tuple[int, int]:
     """Write a SPEC §3 config for a loopback server; return (webhook port, admin port)."""
     port, admin = free_port(), free_port()
     command = json.dumps(importer or ["/bin/true"])
+    importer_line = (
+        f"importer: {{url: {json.dumps(importer_url)}}}\n"
+        if importer_url
+        else f"importer: {{command: {command}}}\n"
+    )
     cfg_path.write_text(
         "# written by bench/variants.py\n"
         "environment: alpha\n"
         f'listen: {{bind: ["127.0.0.1:{port}"]}}\n'
         f"webhook: {{path: {WEBHOOK_PATH}}}\n"
         f'auth: {{mode: hmac, hmac: {{secrets: [{{value: "{ctx.secret}"}}]}}}}\n'
-        f"store: {{path: {store}}}\n"
-        f"importer: {{command: {command}}}\n"
-        f'admin: {{bind: "127.0.0.1:{admin}"}}\n'
-        "log: {level: warning, format: json}\n"
+        f"store: {{path: {store}}}\n" + importer_line + f'admin: {{bind: "127.0.0.1:{admin}"}}\n'
+        "log: {level: info, format: json}\n"
     )
     cfg_path.chmod(0o600)
     return port, admin
@@ -173,13 +180,18 @@ def seed_template(ctx: Ctx, flows: int) -> None:
 
 
 def start_app(
-    ctx: Ctx, rdir: Path, store: Path, pause: bool, importer: list[str] | None = None
+    ctx: Ctx,
+    rdir: Path,
+    store: Path,
+    pause: bool,
+    importer: list[str] | None = None,
+    importer_url: str | None = None,
 ) -> tuple[Server, str, int, Path, list[str]]:
     """Start `ct-appliance serve` on store: (server, webhook url, admin port, config, notes)."""
     if ctx.app_reason:
         raise NotAvailable(ctx.app_reason)
     cfg = rdir / "config.yaml"
-    port, admin = app_config(ctx, cfg, store, importer)
+    port, admin = app_config(ctx, cfg, store, importer, importer_url)
     notes: list[str] = []
     paused = False
     if pause:
@@ -307,6 +319,13 @@ def all_variants(seed_flows: list[int]) -> list[Variant]:
         )
     out.append(Variant("webhook", "Debian webhook 2.8, HMAC rule, /bin/true", "http", _webhook))
     out.append(Variant("import", "import throughput, /bin/true importer (deliveries/s)", "import"))
+    out.append(
+        Variant(
+            "importhttp",
+            "import throughput, HTTP importer answering 200 (deliveries/s)",
+            "import",
+        )
+    )
     return out
 
 
