@@ -17,6 +17,7 @@ from typing import Any
 from . import config as config_mod
 from .cli import EXIT_FAILED, EXIT_OK, Failed, emit, load, table
 from .durations import format_age, parse_duration
+from .metrics import format_signal
 from .reload import diff, summary
 
 _SIGNAL_NAMES = {
@@ -79,21 +80,11 @@ def check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fmt(key: str, value: float | None) -> str:
-    if value is None:
-        return "-"
-    if key == "p95_latency_seconds":
-        return f"{value * 1000:.1f} ms"
-    if key == "imports_per_webhook":
-        return f"{value:.2f}"
-    return f"{value * 100:.2f} %"
-
-
 def _signal_rows(lw: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for key, name in _SIGNAL_NAMES.items():
         sig = lw["signals"][key]
-        value = _fmt(key, sig["value"])
+        value = format_signal(key, sig["value"])
         if key == "imports_per_webhook":
             value += f" (pending {sig.get('pending')}, dead {sig.get('dead')})"
         rows.append({"signal": name, "value": value, "mark": sig["grade"]})

@@ -107,6 +107,17 @@ def quantile(q: float, counts: list[int]) -> float | None:
     return LATENCY_BUCKETS[-1]
 
 
+def format_signal(key: str, value: float | None) -> str:
+    """How the status page, `status` and `watch` print a signal's value."""
+    if value is None:
+        return "-"
+    if key == "p95_latency_seconds":
+        return f"{value * 1000:.1f} ms"
+    if key == "imports_per_webhook":
+        return f"{value:.2f}"
+    return f"{value * 100:.2f} %"
+
+
 def grade(signal: str, value: float | None) -> str:
     if value is None:
         return "no data"

@@ -10,6 +10,7 @@ import html
 from typing import Any
 
 from .durations import format_age
+from .metrics import format_signal
 
 _LABELS = {
     "p95_latency_seconds": ("Webhook p95 latency", "< 1 s", "> 5 s"),
@@ -29,16 +30,6 @@ border-bottom:1px solid #dde}th{background:#f3f4f7}.healthy{color:#0a7d32;font-w
 """
 
 
-def _value(key: str, value: float | None) -> str:
-    if value is None:
-        return "-"
-    if key == "p95_latency_seconds":
-        return f"{value * 1000:.1f} ms"
-    if key == "imports_per_webhook":
-        return f"{value:.2f}"
-    return f"{value * 100:.2f} %"
-
-
 def render(doc: dict[str, Any]) -> str:
     e = html.escape
     lw = doc["launch_window"]
@@ -51,7 +42,7 @@ def render(doc: dict[str, Any]) -> str:
             extra = f" (pending {sig.get('pending')}, dead {sig.get('dead')})"
         rows.append(
             f'<tr data-signal="{key}"><td>{e(label)}</td>'
-            f'<td class="value">{e(_value(key, sig["value"]))}{e(extra)}</td>'
+            f'<td class="value">{e(format_signal(key, sig["value"]))}{e(extra)}</td>'
             f'<td class="{grade.replace(" ", "")} grade">{e(grade)}</td>'
             f"<td>{e(healthy)}</td><td>{e(investigate)}</td></tr>"
         )
