@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .config import ImporterConfig
-from .importer import Attempt, AttemptResult, make_attempt, retry_delay
+from .errors import StoreError
+from .importer import Attempt, AttemptResult, enable_subreaper, make_attempt, retry_delay
 from .inbox import rfc3339
 from .lifecycle import Transitions
 from .logs import fields
@@ -70,6 +71,7 @@ class Dispatcher:
         self._waiters: dict[int, list[_Waiter]] = {}
         self._last_prune = 0.0
         self._retired: list[Attempt] = []
+        enable_subreaper()
 
     # -- control ----------------------------------------------------------------------------
     def notify(self) -> None:
@@ -100,8 +102,10 @@ class Dispatcher:
 
     # -- main loop --------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        committer = self.rt.committer
-        rerun = await committer.submit(lambda txn: self.tr.recover_txn(txn, time.time()))
+        rerun = await self._commit(
+            lambda txn: self.tr.recover_txn(txn, time.time()), "recover interrupted imports"
+        )
+        rerun = rerun or []
         for _ in rerun:
             self.rt.metrics.import_reruns.inc()
         if rerun:
@@ -143,9 +147,12 @@ class Dispatcher:
         await self._maybe_prune()
         if not ready or self.paused or self._stopping:
             return wake
-        started = await self.rt.committer.submit(
-            lambda txn: [self.tr.start_txn(txn, seq, time.time()) for seq in ready]
-        )
+        try:
+            started = await self.rt.committer.submit(
+                lambda txn: [self.tr.start_txn(txn, seq, time.time()) for seq in ready]
+            )
+        except StoreError:
+            return None  # nothing started; the store probe brings writes back, we look again
         for seq, item in zip(ready, started, strict=True):
             if item is None:
                 continue
@@ -174,10 +181,11 @@ class Dispatcher:
                 with scope:
                     result = await attempt(doc)
                 if scope.cancelled_caught:
-                    await self.rt.committer.submit(
+                    await self._commit(
                         lambda txn: self.tr.interrupt_txn(
                             txn, seq, time.time(), "interrupted: appliance stopping"
-                        )
+                        ),
+                        "record an interrupted import",
                     )
                     log.warning(
                         "import interrupted by shutdown; stays pending",
@@ -185,7 +193,7 @@ class Dispatcher:
                     )
                     return
             delay = retry_delay(result, attempt_no, cfg)
-            state = await self.rt.committer.submit(
+            state = await self._commit(
                 lambda txn: self.tr.finish_txn(
                     txn,
                     seq,
@@ -196,8 +204,11 @@ class Dispatcher:
                     now=time.time(),
                     max_attempts=cfg.max_attempts,
                     retry_in=delay,
-                )
+                ),
+                "record an import attempt's result",
             )
+            if state is None:
+                return  # stopping with the store still refusing writes: re-run at next start
             metric = {"done": "success", "dead": "dead"}.get(state, "retry")
             self.rt.metrics.imported(metric, result.duration)
             level = logging.INFO if state == "done" else logging.WARNING
@@ -229,9 +240,32 @@ class Dispatcher:
             return
         self._last_prune = now
         cutoff = now - self.rt.live.config.store.retention_days * 86400
-        pruned = await self.rt.committer.submit(lambda txn: self.tr.prune_txn(txn, cutoff))
+        try:
+            pruned = await self.rt.committer.submit(lambda txn: self.tr.prune_txn(txn, cutoff))
+        except StoreError:
+            self._last_prune = 0.0  # try again at the next tick
+            return
         if pruned:
             log.info("retention pruned bodies of imported deliveries", extra=fields(count=pruned))
+
+    async def _commit(self, fn: Any, what: str) -> Any:
+        """Commit bookkeeping that must not be lost (an attempt's result): while the store
+        refuses writes (disk full) keep the result in memory and retry every second. Only a
+        stop gives up; the record then stays `importing` and the next start re-runs it."""
+        failures = 0
+        while True:
+            try:
+                return await self.rt.committer.submit(fn)
+            except StoreError as e:
+                failures += 1
+                if failures == 1 or failures % 30 == 0:
+                    log.error(
+                        "cannot record importer bookkeeping; retrying",
+                        extra=fields(what=what, error=str(e), tries=failures),
+                    )
+                if self._stopping and failures >= 3:
+                    return None
+                await trio.sleep(1.0)
 
     # -- ack: imported ----------------------------------------------------------------------
     async def wait_imported(self, seqs: set[int], bound: float) -> str:

@@ -6,6 +6,9 @@ Two attempt kinds share one result type and one dispatcher (dispatcher.py):
   importer document to stdin, keeps the last 64 KiB of stdout and stderr, and on the timeout
   kills the whole process group (TERM, then KILL). After the importer exits, what is left of its
   process group is killed too, so a forked child cannot outlive its attempt.
+  A descendant that also left the group (setsid) is reparented to the appliance, which makes
+  itself a child subreaper (`enable_subreaper`), and is killed by `sweep_orphans` when its
+  attempt ends: no importer process outlives its attempt.
 * `HttpAttempt` (httpattempt.py) POSTs the same document to ``importer.url``.
 
 Outcomes: "success" (exit 0 / 2xx), "dead" (exit 65 EX_DATAERR / 4xx other than 408 and 429),
@@ -92,6 +95,52 @@ class _Tail:
         return prefix + kept.decode("utf-8", "replace")
 
 
+_LIVE_PIDS: set[int] = set()  # importer processes of attempts still running
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def enable_subreaper() -> bool:
+    """Make orphaned descendants of importers children of this process (Linux prctl)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def sweep_orphans() -> int:
+    """Kill and reap our child processes that are not a running importer: descendants that
+    escaped their importer's process group and were reparented to us. Returns how many."""
+    me, killed = os.getpid(), 0
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        if pid in _LIVE_PIDS:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(b")", 1)[-1].split()
+        if len(fields) < 2 or int(fields[1]) != me:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, os.WNOHANG)  # a zombie now or at the next sweep
+        except ChildProcessError:
+            pass
+    return killed
+
+
 def _killpg(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -126,6 +175,7 @@ class CommandAttempt:
             )
         out, err = _Tail(), _Tail()
         timed_out = False
+        _LIVE_PIDS.add(proc.pid)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_feed, proc.stdin, stdin)
@@ -145,6 +195,8 @@ class CommandAttempt:
                 _killpg(proc.pid, signal.SIGKILL)
                 with trio.CancelScope(shield=True):
                     await proc.wait()
+            _LIVE_PIDS.discard(proc.pid)
+            sweep_orphans()
         duration = time.monotonic() - started
         output = {"stdout": out.text(), "stderr": err.text()}
         code = proc.returncode

@@ -36,7 +36,7 @@ from .auth import Verifier, make_verifier
 from .config import Config, Loaded
 from .config import load as load_config
 from .dispatcher import Dispatcher
-from .errors import ApplianceError, ConfigError, KeyLoadError, StoreError
+from .errors import ApplianceError, ConfigError, KeyLoadError, StoreError, StoreFull
 from .inbox import Inbox, probe_txn
 from .metrics import Metrics
 from .reload import restart_needed, summarize_changes
@@ -101,15 +101,33 @@ async def run(loaded: Loaded) -> None:
     lock = _lock_store(store)
     try:
         inbox = Inbox(store)
-        recovered = inbox.recover_index()
+        recovered = await _recover_index(inbox)
         if recovered["rebuilt"] or recovered["replayed_flow_ids"]:
             log.warning("flow index recovered from the inbox", extra=logs.fields(**recovered))
         await _run(loaded, store, inbox)
-        inbox.mark_index_clean()
+        try:
+            inbox.mark_index_clean()
+        except StoreError as e:  # not fatal: the index is then checked again at the next start
+            log.warning("could not mark the flow index clean", extra=logs.fields(error=str(e)))
     finally:
         store.close()
         os.close(lock)
         log.info("store closed")
+
+
+async def _recover_index(inbox: Inbox) -> dict[str, Any]:
+    """Bring the flow index up to the inbox before accepting anything (a stale index could
+    answer `accepted` for a known flow id). A full disk here is waited out, not fatal."""
+    tries = 0
+    while True:
+        try:
+            return await trio.to_thread.run_sync(inbox.recover_index)
+        except StoreFull as e:
+            if tries % 30 == 0:
+                log.error("cannot prepare the store; retrying", extra=logs.fields(error=str(e)))
+                sdnotify.notify(f"STATUS=store unavailable at start: {e}; retrying")
+            tries += 1
+            await trio.sleep(1.0)
 
 
 def _lock_store(store: Store) -> int:
