@@ -173,6 +173,10 @@ class CommandAttempt:
             return AttemptResult(
                 "retry", f"cannot start {self.argv[0]}: {e.strerror}", time.monotonic() - started
             )
+        except ValueError as e:  # e.g. a NUL in an environment value: no retry can fix it
+            return AttemptResult(
+                "dead", f"cannot start the importer: {e}", time.monotonic() - started
+            )
         out, err = _Tail(), _Tail()
         timed_out = False
         _LIVE_PIDS.add(proc.pid)

@@ -42,8 +42,8 @@ def validate(doc: dict[str, Any]) -> Delivery:
     if not isinstance(flow_ids, list):
         raise InvalidPayload("flow_ids must be a list of strings")
     for i, flow_id in enumerate(flow_ids):
-        if not isinstance(flow_id, str) or not flow_id:
-            raise InvalidPayload(f"flow_ids[{i}] must be a non-empty string")
+        if not isinstance(flow_id, str) or not flow_id or not _is_text(flow_id):
+            raise InvalidPayload(f"flow_ids[{i}] must be a non-empty string of valid Unicode")
     run_id = _required_string(doc, "cost_basis_run_id")
     user_id = _required_string(doc, "ghost_user_id")
     for key in ("user_config", "partner_config"):
@@ -58,7 +58,21 @@ def _required_string(doc: dict[str, Any], key: str) -> str:
     value = doc.get(key)
     if not isinstance(value, str) or not value:
         raise InvalidPayload(f"{key} must be a non-empty string")
+    # Ids travel to the importer as environment variables, which cannot hold a NUL.
+    if "\x00" in value or not _is_text(value):
+        raise InvalidPayload(f"{key} must be valid Unicode without NUL characters")
     return value
+
+
+def _is_text(value: str) -> bool:
+    """False for strings JSON can carry but UTF-8 cannot (lone surrogates such as "\\udfff")."""
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def importer_document(

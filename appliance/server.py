@@ -31,7 +31,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import admin, http, logs, sdnotify
+from . import admin, http, hypercorn_fix, logs, sdnotify
 from .auth import Verifier, make_verifier
 from .config import Config, Loaded
 from .config import load as load_config
@@ -45,6 +45,7 @@ from .store import GroupCommitter, Store
 from .version import VERSION
 
 log = logging.getLogger("ct_appliance.server")
+hypercorn_fix.apply()
 
 
 class TLSHolder:

@@ -49,3 +49,17 @@ def test_any_body_is_a_delivery_or_a_400(body: bytes) -> None:
         payload.parse(body)
     except (InvalidJSON, InvalidPayload) as e:
         assert e.status == 400
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("flow_ids", ["ok", "\udfff"]),
+        ("cost_basis_run_id", "run-\udfff"),
+        ("ghost_user_id", "g\x00h"),
+    ],
+)
+def test_ids_that_cannot_travel_as_utf8_or_environment_are_400(field: str, value: object) -> None:
+    doc = {"flow_ids": ["a"], "cost_basis_run_id": "r", "ghost_user_id": "g", field: value}
+    with pytest.raises(InvalidPayload):
+        payload.validate(doc)
