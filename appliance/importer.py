@@ -96,6 +96,9 @@ class _Tail:
 
 
 _LIVE_PIDS: set[int] = set()  # importer processes of attempts still running
+# Spawns in flight: the child exists before its pid is known, and must never be taken for an
+# orphan (reaping it here would make trio see exit status 0 for a killed importer).
+_SPAWNING = 0
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -112,7 +115,11 @@ def enable_subreaper() -> bool:
 
 def sweep_orphans() -> int:
     """Kill and reap our child processes that are not a running importer: descendants that
-    escaped their importer's process group and were reparented to us. Returns how many."""
+    escaped their importer's process group and were reparented to us. Returns how many.
+    Skipped while a spawn is in flight (its child is not yet in _LIVE_PIDS); the next attempt
+    to end sweeps again."""
+    if _SPAWNING:
+        return 0
     me, killed = os.getpid(), 0
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -160,6 +167,8 @@ class CommandAttempt:
     async def __call__(self, doc: dict[str, Any]) -> AttemptResult:
         started = time.monotonic()
         stdin = json.dumps(doc).encode()
+        global _SPAWNING
+        _SPAWNING += 1
         try:
             proc = await trio.lowlevel.open_process(
                 self.argv,
@@ -177,9 +186,12 @@ class CommandAttempt:
             return AttemptResult(
                 "dead", f"cannot start the importer: {e}", time.monotonic() - started
             )
+        else:
+            _LIVE_PIDS.add(proc.pid)
+        finally:
+            _SPAWNING -= 1
         out, err = _Tail(), _Tail()
         timed_out = False
-        _LIVE_PIDS.add(proc.pid)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_feed, proc.stdin, stdin)
