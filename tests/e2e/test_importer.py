@@ -272,3 +272,16 @@ def test_paused_imports_still_accept_and_run_nothing_until_resume(
     app.cli("importer", "resume")
     app.wait_for(lambda: len(imp.imported()) == 5, timeout=15, what="imports after resume")
     assert [d["delivery_id"] for d in imp.imported()] == ids  # FIFO by arrival
+
+
+def test_purge_drops_old_bodies_but_flow_ids_stay_known(appliance: Appliance) -> None:
+    did = appliance.post(delivery(["purge-1", "purge-2"])).json()["delivery_id"]
+    appliance.wait_for(lambda: appliance.imported_docs(), what="import")
+    assert appliance.cli_json("inbox", "show", did, "--body")["body"] is not None
+    time.sleep(1.1)
+    purged = appliance.cli_json("inbox", "purge", "--older-than", "1s")
+    assert purged["purged"] == 1
+    shown = appliance.cli_json("inbox", "show", did, "--body")
+    assert shown["body"] is None and shown["flow_ids"] == ["purge-1", "purge-2"]
+    assert appliance.post(delivery(["purge-1", "purge-2"])).json() == {"status": "duplicate"}
+    assert all(f["known"] for f in appliance.cli_json("flows", "show", "purge-1", "purge-2"))
