@@ -362,10 +362,9 @@ def test_raw_garbled_http_never_gets_a_5xx_nor_kills_the_server(
 def test_lone_surrogate_in_a_key_field_is_not_a_500(
     make_appliance: Any, field: str, value: Any
 ) -> None:
-    """BUG (reported): flow_key()/run_key() in inbox.py call str.encode() on the value, which
-    raises UnicodeEncodeError for a lone surrogate (valid JSON: "\\ud800"); the handler turns it
-    into 500 internal, which CoinTracker retries five times for nothing. Expected: 400
-    invalid_payload (or 200 if such ids are to be stored, e.g. with surrogatepass)."""
+    """Regression test: flow_key()/run_key() called str.encode() on the value, which raised
+    UnicodeEncodeError for a lone surrogate (valid JSON: "\\ud800"): 500 internal, retried by
+    CoinTracker for nothing. 400 invalid_payload since daa4786."""
     app: Appliance = make_appliance().start()
     doc = json.loads(delivery(["plain-1"]))
     doc[field] = value
@@ -384,10 +383,10 @@ def test_lone_surrogate_in_a_key_field_is_not_a_500(
 def test_importer_env_cannot_carry_a_value_and_the_server_stays_up(
     make_appliance: Any, tmp_path: Path, field: str, value: str
 ) -> None:
-    """BUG (reported): the importer's environment carries CT_GHOST_USER_ID and
-    CT_COST_BASIS_RUN_ID from the body; a NUL or a lone surrogate there makes open_process raise
-    ValueError / UnicodeEncodeError (importer.py catches only OSError), which ends the server's
-    nursery: the process exits 1 and, the delivery still pending, exits again at every start."""
+    """Regression test: the importer's environment carries CT_GHOST_USER_ID and
+    CT_COST_BASIS_RUN_ID from the body; a NUL or a lone surrogate there made open_process raise
+    ValueError / UnicodeEncodeError, which ended the server (and again at every start, the
+    delivery still pending: a crash loop from one signed delivery). Fixed in daa4786."""
     app: Appliance = make_appliance().start()
     doc = json.loads(delivery(["env-1"]))
     doc[field] = value
@@ -407,12 +406,11 @@ def test_importer_env_cannot_carry_a_value_and_the_server_stays_up(
 
 
 def test_get_with_trailing_bytes_on_http_1_0_does_not_kill_the_server(make_appliance: Any) -> None:
-    """BUG (reported), found by the raw test above: `GET /webhooks/cointracker HTTP/1.0` followed
-    by two stray bytes makes the server exit within a few tries. WebhookEndpoint sends its 405
-    while Hypercorn's reader, seeing data after a request that must end the connection ("Got
-    data when expecting EOF"), sends a 400 on the same stream: trio.BusyResourceError escapes
-    hypercorn.trio.serve (tcp_server.py protocol_send) and ends the appliance's nursery. One
-    unauthenticated packet takes the receiver down."""
+    """Regression test, found by the raw test above: `GET /webhooks/cointracker HTTP/1.0` and two
+    stray bytes made the server exit within a few tries: WebhookEndpoint sent its 405 while
+    Hypercorn's reader, seeing data after a request that must end the connection, sent a 400 on
+    the same stream; trio.BusyResourceError escaped hypercorn.trio.serve and ended the appliance.
+    One unauthenticated packet took the receiver down. Fixed in daa4786."""
     app: Appliance = make_appliance().start()
     data = b"GET /webhooks/cointracker HTTP/1.0\r\n\r\nxx"
     for _ in range(50):

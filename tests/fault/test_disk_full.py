@@ -155,10 +155,8 @@ def test_server_stays_up_when_an_import_ends_on_a_full_disk(
     """Importer attempts that end while the disk is full cannot record their outcome (128 KiB of
     kept output needs new pages): the server must stay up and answer 503, then catch up.
 
-    BUG found by this test (reported to the lead, not fixed here): the StoreFull raised by the
-    dispatcher's bookkeeping commit (dispatcher.py `_run_attempt`, `committer.submit(finish_txn)`)
-    is not caught, ends the server's nursery, and the process exits 1 logging "cannot start:
-    no space left on the store's disk"."""
+    Regression test: this once ended the server (the StoreFull of the dispatcher's bookkeeping
+    commit was not caught; the process exited 1 logging "cannot start"); fixed in 68d5047."""
     script = tmp_path / "slow.py"
     script.write_text(SLOW_IMPORTER)
     started = tmp_path / "started"

@@ -149,10 +149,8 @@ def test_setsid_daemon_grandchild_does_not_outlive_the_attempt(
 ) -> None:
     """A grandchild that also left the process group (setsid) and keeps stdout open.
 
-    GAP found by this test (reported to the lead, not fixed here): importer.py kills the
-    importer's process group after it exits, but a grandchild that called setsid() is in no
-    group the appliance kills, so it lives on after a successful attempt (until the service's
-    cgroup is stopped). The attempt itself is not held open by it (2 s bound)."""
+    Regression test: such a grandchild is in no process group the appliance kills, and once lived
+    on after its attempt; since 68d5047 the server is a child subreaper and sweeps orphans."""
     imp = Importer(tmp_path, "setsid-daemon")
     app: Appliance = make_appliance(imp.config(timeout_seconds=30)).start()
     did = app.post(delivery(["setsid-1"])).json()["delivery_id"]

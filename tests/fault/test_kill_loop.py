@@ -176,7 +176,13 @@ def test_kill_9_loop_loses_nothing_and_imports_each_flow_once(
         answers=dict(history.answers),
     )
     assert cycles >= 50, f"only {cycles} kill cycles in {LOOP_BUDGET_SECONDS} s"
-    assert not lost, f"{len(lost)} acknowledged flow ids never imported: {sorted(lost)[:10]}"
+    owner = {f: r for r in records for f in r["flows"]}
+    assert not lost, f"{len(lost)} acknowledged flow ids never imported: " + "; ".join(
+        f"{f} in {owner[f]['delivery_id']} {owner[f]['state']} {owner[f]['attempts']}"
+        if f in owner
+        else f"{f} not in the store"
+        for f in sorted(lost)[:5]
+    )
     assert not unexpected, f"imported but never sent: {sorted(unexpected)[:10]}"
     assert not split, f"flow ids imported under two delivery ids: {list(split.items())[:5]}"
     assert states == {"done": len(records)}, states

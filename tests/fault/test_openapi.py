@@ -5,8 +5,8 @@ Two runs against ONE server per module:
   generated requests (bodies from the Delivery schema, signed or not; query values) must be
   answered with a documented status, never a 5xx, and JSON answers must match the documented
   schema (required keys, types, enums, no extra keys where the document forbids them).
-* schemathesis (`schemathesis==4.32.5`, when installed: it is to be added to the dev extras;
-  nothing is installed at run time): its generated and negative cases, with its own checks."""
+* schemathesis (4.32.5, pinned in the dev extras; nothing is installed at run time): its
+  schema-valid and schema-violating cases, with its own checks."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def test_the_document_covers_the_live_surface(server: Appliance) -> None:
 
 def test_schemathesis_against_the_live_server(server: Appliance) -> None:
     schemathesis = pytest.importorskip(
-        "schemathesis", reason="schemathesis==4.32.5 is not in the dev extras yet"
+        "schemathesis", reason="schemathesis (dev extras) is not installed: make venv"
     )
     from hypothesis import given as hgiven
     from hypothesis.errors import Unsatisfiable
