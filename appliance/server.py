@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -192,22 +193,12 @@ async def _serve_until_stopped(
     """Serve both listeners until `shutdown`; return once in-flight requests are done."""
     cfg = rt.live.config
     async with trio.open_nursery() as web:
-        binds = await web.start(
-            lambda task_status: hypercorn_serve(
-                http.create_app(rt),
-                web_cfg,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
+        binds, admin_binds = [
+            await web.start(
+                functools.partial(hypercorn_serve, app, hc, shutdown_trigger=shutdown.wait)
             )
-        )
-        admin_binds = await web.start(
-            lambda task_status: hypercorn_serve(
-                admin.create_app(rt),
-                admin_cfg,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
-            )
-        )
+            for app, hc in ((http.create_app(rt), web_cfg), (admin.create_app(rt), admin_cfg))
+        ]
         log.info(
             "ready",
             extra=logs.fields(
