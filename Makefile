@@ -27,8 +27,8 @@ run: $(STAMP)
 	@$(PY) -m appliance.devsetup
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check appliance tests examples
-	$(VENV)/bin/ruff format --check appliance tests examples
+	$(VENV)/bin/ruff check appliance tests examples bench ops build
+	$(VENV)/bin/ruff format --check appliance tests examples bench ops build
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

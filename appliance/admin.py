@@ -14,6 +14,7 @@ from quart import Quart, Response, jsonify, request
 from quart_trio import QuartTrio
 
 from . import statuspage
+from .durations import parse_duration
 from .metrics import signals
 from .reload import summary
 from .runtime import Runtime
@@ -102,8 +103,6 @@ def create_app(rt: Runtime) -> Quart:
 
 
 def _window_arg(value: str | None) -> float:
-    from .durations import parse_duration
-
     if not value:
         return DEFAULT_WINDOW_SECONDS
     try:

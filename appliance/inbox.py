@@ -106,6 +106,35 @@ def parse_delivery_id(text: str) -> int | None:
     return int(num) if num.isdigit() else None
 
 
+def new_record(
+    seq: int,
+    *,
+    received_at: float,
+    run: str,
+    user: str,
+    flows: list[str],
+    duplicate_flows: int = 0,
+    in_body_duplicates: int = 0,
+    body_bytes: int = 0,
+) -> dict[str, Any]:
+    """The delivery record as stored, pending and never attempted (the one place its layout
+    is written; the bench's bulk loader builds its records here too)."""
+    return {
+        "seq": seq,
+        "received_at": received_at,
+        "run": run,
+        "user": user,
+        "state": "pending",
+        "flows": flows,
+        "duplicate_flows": duplicate_flows,
+        "in_body_duplicates": in_body_duplicates,
+        "body_bytes": body_bytes,
+        "attempts": [],
+        "next_at": received_at,
+        "reruns": 0,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     delivery: Delivery
@@ -156,20 +185,16 @@ class Inbox:
         self._count_run_txn(txn, d, item.received_at, len(new), dup)
         if not new:
             return Accepted("duplicate", None, None, 0, dup, frozenset(owners))
-        record = {
-            "seq": seq,
-            "received_at": item.received_at,
-            "run": d.cost_basis_run_id,
-            "user": d.ghost_user_id,
-            "state": "pending",
-            "flows": new,
-            "duplicate_flows": dup,
-            "in_body_duplicates": d.in_body_duplicates,
-            "body_bytes": len(item.body),
-            "attempts": [],
-            "next_at": item.received_at,
-            "reruns": 0,
-        }
+        record = new_record(
+            seq,
+            received_at=item.received_at,
+            run=d.cost_basis_run_id,
+            user=d.ghost_user_id,
+            flows=new,
+            duplicate_flows=dup,
+            in_body_duplicates=d.in_body_duplicates,
+            body_bytes=len(item.body),
+        )
         txn.put(skey, json.dumps(record, separators=(",", ":")).encode(), db=dbs.deliveries)
         txn.put(skey, item.body, db=dbs.bodies)
         txn.put(skey, queue_value(item.received_at, False), db=dbs.queue)

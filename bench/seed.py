@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance import config  # noqa: E402
-from appliance.inbox import Inbox, flow_key, seq_key  # noqa: E402
+from appliance.inbox import Inbox, flow_key, new_record, seq_key  # noqa: E402
 from appliance.store import Store  # noqa: E402
 
 PER_DELIVERY = 50
@@ -51,19 +51,14 @@ def main() -> int:
         def records():  # type: ignore[no-untyped-def]
             for d in range(deliveries):
                 flows = ids[d * PER_DELIVERY : (d + 1) * PER_DELIVERY]
-                rec = {
-                    "seq": d + 1,
-                    "received_at": now,
-                    "run": f"seed-run-{d // 20}",
-                    "user": "seed-user",
-                    "state": "done",
-                    "flows": flows,
-                    "duplicate_flows": 0,
-                    "in_body_duplicates": 0,
-                    "body_bytes": 0,
-                    "next_at": now,
-                    "reruns": 0,
-                    "attempts": [
+                rec = new_record(
+                    d + 1, received_at=now, run=f"seed-run-{d // 20}", user="seed-user", flows=flows
+                )
+                rec.update(
+                    state="done",
+                    done_at=now,
+                    body_pruned_at=now,
+                    attempts=[
                         {
                             "n": 1,
                             "started_at": now,
@@ -73,9 +68,7 @@ def main() -> int:
                             "duration": 0,
                         }
                     ],
-                    "done_at": now,
-                    "body_pruned_at": now,
-                }
+                )
                 yield seq_key(d + 1), json.dumps(rec, separators=(",", ":")).encode()
 
         with txn.inbox.cursor(db=store.dbs.deliveries) as cur:  # type: ignore[attr-defined]
@@ -83,7 +76,7 @@ def main() -> int:
 
     store.write(load_records)
     pairs = sorted((flow_key(f), seq_key(i // PER_DELIVERY + 1)) for i, f in enumerate(ids))
-    del ids
+    ids.clear()  # the sorted pairs hold what is still needed
 
     def load_index(txn: object) -> None:
         with txn.index.cursor(db=store.dbs.flows) as cur:  # type: ignore[attr-defined]
