@@ -67,12 +67,14 @@ class ListenConfig:
     behind_proxy: bool = False
     graceful_timeout_seconds: float = 10.0
     keep_alive_timeout_seconds: float = 75.0
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True)
 class WebhookConfig:
     path: str = "/webhooks/cointracker"
     max_body_bytes: int = 33_554_432
+    max_inflight_body_bytes: int = 268_435_456
     body_timeout_seconds: float = 30.0
     imported_wait_seconds: float = 25.0
 
@@ -425,6 +427,15 @@ def _validate(cfg: Config, b: _Builder, file_mode: int | None) -> list[str]:
         b.fail(b.line("webhook.path"), "webhook.path", "must start with /")
     if cfg.webhook.max_body_bytes < 1024:
         b.fail(b.line("webhook.max_body_bytes"), "webhook.max_body_bytes", "must be >= 1024")
+    if cfg.webhook.max_inflight_body_bytes < 2 * cfg.webhook.max_body_bytes:
+        b.fail(
+            b.line("webhook.max_inflight_body_bytes"),
+            "webhook.max_inflight_body_bytes",
+            f"must be at least 2 x webhook.max_body_bytes ({2 * cfg.webhook.max_body_bytes}): "
+            "a body of the maximum size must fit beside the headroom kept for smaller ones",
+        )
+    if cfg.listen.max_connections < 16:
+        b.fail(b.line("listen.max_connections"), "listen.max_connections", "must be >= 16")
     for i, bind in enumerate(cfg.listen.bind):
         if _split_bind(bind) is None:
             b.fail(b.line(f"listen.bind[{i}]"), f"listen.bind[{i}]", f"not HOST:PORT: {bind!r}")

@@ -148,3 +148,21 @@ def test_operator_commands_need_no_credentials_directory(monkeypatch) -> None:  
         config.loads(text)
     cfg = config.loads(text, resolve_secrets=False).config
     assert cfg.auth.hmac is not None and cfg.auth.hmac.secrets[0].value == b""
+
+
+def test_body_budget_and_connection_cap_have_defaults_and_floors() -> None:
+    cfg = config.loads(BASE).config
+    assert cfg.webhook.max_inflight_body_bytes == 268_435_456
+    assert cfg.listen.max_connections == 4096
+    found = problems(
+        BASE + "webhook:\n  max_body_bytes: 1048576\n  max_inflight_body_bytes: 2097151\n"
+        "listen:\n  max_connections: 15\n"
+    )
+    assert any(
+        p.startswith("c.yaml:5: webhook.max_inflight_body_bytes: must be at least 2 x")
+        and "a body of the maximum size must fit beside" in p
+        for p in found
+    ), found
+    assert "c.yaml:7: listen.max_connections: must be >= 16" in found
+    ok = BASE + "webhook: {max_body_bytes: 1048576, max_inflight_body_bytes: 2097152}\n"
+    assert config.loads(ok).config.webhook.max_inflight_body_bytes == 2_097_152
