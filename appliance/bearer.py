@@ -24,6 +24,7 @@ import httpx
 import jwt
 import trio
 from jwt import PyJWK
+from jwt.utils import base64url_decode
 
 from .auth import AuthFailure
 from .config import BearerConfig
@@ -34,6 +35,12 @@ log = logging.getLogger("ct_appliance.auth")
 
 _FAMILY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP", "HS": "oct"}
 REFETCH_MIN_SECONDS = 60.0
+# A token carrying an RS512 signature and a few claims is under 2 KiB; past this, a token is
+# refused before anything is decoded, which bounds what an anonymous sender makes us parse.
+MAX_TOKEN_CHARS = 16 * 1024
+# What malformed input can raise from inside PyJWT or `cryptography` besides PyJWTError (bad
+# base64 and bad UTF-8 are ValueErrors, deep JSON a RecursionError, odd claim types a TypeError).
+_MALFORMED = (ValueError, TypeError, LookupError, ArithmeticError, RecursionError)
 _REASONS = {
     jwt.ExpiredSignatureError: "token expired",
     jwt.ImmatureSignatureError: "token not yet valid (nbf/iat)",
@@ -43,6 +50,7 @@ _REASONS = {
     jwt.InvalidSignatureError: "bad signature",
     jwt.InvalidAlgorithmError: "algorithm not allowed",
     jwt.DecodeError: "malformed token",
+    jwt.InvalidTokenError: "invalid token",
 }
 
 
@@ -52,6 +60,7 @@ def _family(alg: str) -> str:
 
 class BearerVerifier:
     mode = "bearer"
+    needs_body = False  # the token alone authenticates: verified before the body is read
 
     def __init__(self, cfg: BearerConfig) -> None:
         self.cfg = cfg
@@ -184,27 +193,20 @@ class BearerVerifier:
         self._stop.set()
 
     # -- tokens -----------------------------------------------------------------------------
+    def precheck(self, headers: Mapping[str, str]) -> None:
+        _bearer_token(headers)
+
     async def verify(self, headers: Mapping[str, str], body: bytes) -> None:
-        value = headers.get("authorization")
-        if value is None:
-            raise AuthFailure("missing Authorization header")
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthFailure(f"Authorization scheme is {scheme[:16]!r}, not Bearer")
-        token = token.strip()
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise AuthFailure("malformed token") from None
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.cfg.algorithms:
-            raise AuthFailure(f"algorithm {str(alg)[:16]!r} not allowed")
-        kid = header.get("kid")
+        """Raise AuthFailure unless the request carries a valid token. Runs before the body is
+        read (`needs_body` is False) and never looks at `body`. Whatever an anonymous sender puts
+        in the token ends here as an AuthFailure with a short reason, never as another error."""
+        token = _bearer_token(headers)
+        alg, kid = _check_header(_unverified_header(token), self.cfg.algorithms)
         entry = self._key_for(kid)
         if entry is None and self.cfg.jwks_url and await self._fetch():
             entry = self._key_for(kid)
         if entry is None:
-            raise AuthFailure(f"unknown key id {str(kid)[:64]!r}")
+            raise AuthFailure(f"unknown key id {_clip(kid)}")
         key, family = entry
         if _family(alg) != family:
             raise AuthFailure(f"algorithm {alg} does not fit a {family} key")
@@ -220,14 +222,86 @@ class BearerVerifier:
                 options={"require": ["exp", "iss", "aud"], "verify_sub": False},
             )
         except jwt.PyJWTError as e:
+            # Fixed reasons only: PyJWT's own messages may quote the token.
             reason = next((r for t, r in _REASONS.items() if isinstance(e, t)), "invalid token")
             raise AuthFailure(reason) from None
+        except _MALFORMED:
+            raise AuthFailure("malformed token") from None
         if c.subject is not None and claims.get("sub") != c.subject:
             raise AuthFailure("wrong subject")
 
-    def _key_for(self, kid: Any) -> tuple[Any, str] | None:
+    def _key_for(self, kid: str | None) -> tuple[Any, str] | None:
         if None in self._keys and len(self._keys) == 1:
             return self._keys[None]
         if kid is None:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None
         return self._keys.get(kid)
+
+
+def _bearer_token(headers: Mapping[str, str]) -> str:
+    value = headers.get("authorization")
+    if value is None:
+        raise AuthFailure("missing Authorization header")
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthFailure(f"Authorization scheme is {_clip(scheme, 16)}, not Bearer")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise AuthFailure(f"token longer than {MAX_TOKEN_CHARS} characters")
+    if not token.isascii():
+        raise AuthFailure("token is not ASCII")
+    return token
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    """The JOSE header, not yet trusted. Only the compact JWS form is accepted: three segments
+    (five would be a JWE, which is never what CoinTracker sends)."""
+    segments = token.count(".") + 1
+    if segments != 3:
+        raise AuthFailure(f"token has {min(segments, 999)} segments, not 3")
+    try:
+        header = json.loads(base64url_decode(token.partition(".")[0]))
+    except _MALFORMED:
+        raise AuthFailure("token header is not base64url JSON") from None
+    if not isinstance(header, dict):
+        raise AuthFailure(f"token header is a JSON {_kind(header)}, not an object")
+    return header
+
+
+def _check_header(header: dict[str, Any], allowed: tuple[str, ...]) -> tuple[str, str | None]:
+    """The (alg, kid) to verify with, once the header's types hold (RFC 7515 §4.1)."""
+    alg = header.get("alg")
+    if not isinstance(alg, str):
+        raise AuthFailure(f"alg is {_kind(alg)}, not a string")
+    if alg not in allowed:
+        raise AuthFailure(f"algorithm {_clip(alg, 16)} not allowed")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise AuthFailure(f"kid is {_kind(kid)}, not a string")
+    for name in ("typ", "cty"):
+        if name in header and not isinstance(header[name], str):
+            raise AuthFailure(f"{name} is {_kind(header[name])}, not a string")
+    if "crit" in header:
+        # RFC 7515 §4.1.11: a recipient must reject a token whose critical extensions it does
+        # not understand, and this verifier understands none (not even RFC 7797 "b64": a
+        # webhook token never has a detached payload). A malformed crit is rejected as well.
+        crit = header["crit"]
+        if not isinstance(crit, list):
+            raise AuthFailure(f"crit is {_kind(crit)}, not a list")
+        raise AuthFailure(f"critical extension not understood: {_clip(crit)}")
+    return alg, kid
+
+
+def _kind(value: object) -> str:
+    """A JSON type name for a reason: never the attacker's value itself."""
+    if value is None:
+        return "absent"
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "a number"
+    )
+
+
+def _clip(value: object, limit: int = 64) -> str:
+    """At most `limit` characters of attacker-controlled input, quoted, for a log-only reason."""
+    text = value if isinstance(value, str) else json.dumps(value)[: limit + 1]
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
