@@ -11,12 +11,14 @@ Two attempt kinds share one result type and one dispatcher (dispatcher.py):
   attempt ends: no importer process outlives its attempt.
 * `HttpAttempt` (httpattempt.py) POSTs the same document to ``importer.url``.
 
-Outcomes: "success" (exit 0 / 2xx), "dead" (exit 65 EX_DATAERR / 4xx other than 408 and 429),
-"retry" (anything else). `backoff()` is the retry schedule; it is a plain function.
+Outcomes: "success" (exit 0 / 2xx), "dead" (exit 65 EX_DATAERR / 4xx other than 408 and 429 /
+a spawn the delivery's own data makes impossible, E2BIG), "retry" (anything else).
+`backoff()` is the retry schedule; it is a plain function.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -179,9 +181,7 @@ class CommandAttempt:
                 start_new_session=True,
             )
         except OSError as e:
-            return AttemptResult(
-                "retry", f"cannot start {self.argv[0]}: {e.strerror}", time.monotonic() - started
-            )
+            return _spawn_failed(e, self.argv[0], time.monotonic() - started)
         except ValueError as e:  # e.g. a NUL in an environment value: no retry can fix it
             return AttemptResult(
                 "dead", f"cannot start the importer: {e}", time.monotonic() - started
@@ -227,6 +227,26 @@ class CommandAttempt:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             return AttemptResult("retry", f"killed by signal {name}", duration, output)
         return AttemptResult("retry", f"exit {code}", duration, output)
+
+
+def _spawn_failed(e: OSError, command: str, duration: float) -> AttemptResult:
+    """What an OSError at spawn means for the delivery.
+
+    E2BIG (argument list and environment past the kernel's limit) comes from the delivery's own
+    data (its ids travel in the environment): the same delivery fails the same way every time,
+    so it is dead at once rather than burning every attempt.
+    Everything else is retried. ENOENT, EACCES, ENOEXEC, ENAMETOOLONG concern the configured
+    command, which the operator can fix (install it, chmod it, reload) without touching the
+    delivery, and the retry then succeeds. EMFILE, ENFILE, ENOMEM, EAGAIN are the machine's
+    state of the moment and pass by themselves.
+    """
+    if e.errno == errno.E2BIG:
+        return AttemptResult(
+            "dead", "cannot start the importer: argument list too long (E2BIG)", duration
+        )
+    name = errno.errorcode.get(e.errno or 0, "")
+    why = f"{e.strerror} ({name})" if name else str(e.strerror or e)
+    return AttemptResult("retry", f"cannot start {command}: {why}", duration)
 
 
 async def _terminate_group(proc: trio.Process) -> None:

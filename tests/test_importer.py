@@ -95,3 +95,29 @@ def test_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 10) == 10.0
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+async def test_a_spawn_the_delivery_makes_impossible_is_dead_at_once(tmp_path: Path) -> None:
+    # A 300 KB ghost_user_id (the payload check would refuse it; only a spawn can tell what the
+    # kernel takes) travels in CT_GHOST_USER_ID, past Linux's 128 KiB per string: E2BIG.
+    ran = tmp_path / "ran"
+    code = f"open({str(ran)!r}, 'w').close()"
+    attempt = CommandAttempt(cfg(command=script(tmp_path, code)))
+    result = await attempt({**DOC, "ghost_user_id": "g" * 300_000})
+    assert result.outcome == "dead"
+    assert result.summary == "cannot start the importer: argument list too long (E2BIG)"
+    assert not ran.exists()
+    # The same importer with a normal document runs: the delivery, not the command, was at fault.
+    assert (await attempt(DOC)).outcome == "success" and ran.exists()
+
+
+@pytest.mark.parametrize("mode", ["missing", "not executable"])
+async def test_a_command_the_operator_can_fix_stays_a_retry(tmp_path: Path, mode: str) -> None:
+    command = tmp_path / "importer"
+    if mode == "not executable":
+        command.write_text("#!/bin/sh\nexit 0\n")
+        command.chmod(0o644)
+    result = await CommandAttempt(cfg(command=(str(command),)))(DOC)
+    assert result.outcome == "retry"
+    errno_name = "ENOENT" if mode == "missing" else "EACCES"
+    assert result.summary.startswith(f"cannot start {command}: ") and errno_name in result.summary
