@@ -172,6 +172,9 @@ header_fields = st.fixed_dictionaries(
     },
 )
 headers = header_fields | json_values
+# Objects made of the header names that matter, with any values: what a random segment needs
+# to be to reach the header checks.
+jose_fields = st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "b64"]), json_values)
 # None stands for valid claims, made when the token is signed (their times are current).
 payloads = (
     st.none()
@@ -218,11 +221,14 @@ def test_any_signed_header_and_payload_is_accepted_only_when_both_are_clean(
         assert len(reason) <= MAX_REASON, reason
 
 
-segments = st.lists(
-    st.text(st.sampled_from("AZaz09-_=.+/!é"), max_size=40)
-    | st.binary(max_size=60).map(b64)
-    | json_values.map(lambda v: b64(json.dumps(v).encode())),
-    max_size=6,
+segment = (
+    st.text(st.sampled_from("AZaz09-_=.+/!~ é€"), max_size=60)
+    | st.binary(max_size=80).map(b64)
+    | json_values.map(lambda v: b64(json.dumps(v).encode()))
+)
+# Any number of segments, or the three of a compact JWS with a header worth parsing.
+segments = st.lists(segment, max_size=6).map(".".join) | st.tuples(
+    jose_fields.map(lambda v: b64(json.dumps(v).encode())), segment, segment
 ).map(".".join)
 
 
