@@ -165,10 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-def load(args: argparse.Namespace, *, resolve_secrets: bool = False) -> config_mod.Loaded:
+def load(
+    args: argparse.Namespace, *, resolve_secrets: bool = False, resolve_only: Sequence[str] = ()
+) -> config_mod.Loaded:
     """The config for an operator command; secrets are only read where they are used."""
     path = args.config or config_mod.default_path()
-    return config_mod.load(path, resolve_secrets=resolve_secrets)
+    return config_mod.load(path, resolve_secrets=resolve_secrets, resolve_only=resolve_only)
 
 
 def _serve(args: argparse.Namespace) -> int:

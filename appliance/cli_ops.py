@@ -3,6 +3,10 @@
 `status` and `watch` read the running server's admin listener (`GET /status`), which computes
 the launch-window table from the same events as /metrics. When the server is down, `status`
 falls back to the store alone (counts, oldest pending, dead letters) and says so.
+
+With `admin.token` set, these commands read that one secret (and no other) and send it; when
+it cannot be read (say ``${CREDENTIALS_DIRECTORY}`` outside systemd), they say so and `status`
+falls back to the store alone.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ from typing import Any
 from . import config as config_mod
 from .cli import EXIT_FAILED, EXIT_OK, Failed, emit, load, table
 from .durations import format_age, parse_duration
+from .errors import ConfigError
 from .metrics import format_signal
 from .reload import diff, summary
 
@@ -29,6 +35,10 @@ _SIGNAL_NAMES = {
 }
 
 
+class AdminRefused(Failed):
+    """The admin listener answered, and refused: the token or the Host is not accepted."""
+
+
 def admin_get(cfg: config_mod.Config, path: str, timeout: float = 2.0) -> dict[str, Any] | None:
     """GET a JSON document from the admin listener; None when nothing answers there."""
     import httpx
@@ -37,21 +47,45 @@ def admin_get(cfg: config_mod.Config, path: str, timeout: float = 2.0) -> dict[s
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}{path}"
+    headers = {}
+    if cfg.admin.token is not None:  # printable ASCII: config.py checks it
+        headers["Authorization"] = "Bearer " + cfg.admin.token.value.decode("ascii", "replace")
     try:
-        response = httpx.get(url, timeout=timeout)
+        response = httpx.get(url, timeout=timeout, headers=headers)
     except httpx.HTTPError:
         return None
+    if response.status_code == 401:
+        why = "admin.token is wrong" if cfg.admin.token else "it needs admin.token, none is set"
+        raise AdminRefused(f"the admin listener on {cfg.admin.bind} answered 401: {why}")
+    if response.status_code == 421:
+        raise AdminRefused(
+            f"the admin listener on {cfg.admin.bind} answered 421: it does not answer for "
+            f"Host {host} (add it to admin.allowed_hosts)"
+        )
     if response.status_code != 200:
         return None
     doc: dict[str, Any] = response.json()
     return doc
 
 
+def load_for_admin(args: argparse.Namespace) -> tuple[config_mod.Loaded, str | None]:
+    """The config with admin.token read (only that secret), and why it could not be, if so."""
+    try:
+        return load(args, resolve_only=("admin.token",)), None
+    except ConfigError as first:
+        loaded = load(args)  # a file that is wrong anyway raises here, as a config error
+        return loaded, "cannot read admin.token: " + "; ".join(first.problems)
+
+
 def check_config(args: argparse.Namespace) -> int:
     loaded = load(args, resolve_secrets=True)
     cfg = loaded.config
     new = summary(cfg)
-    running = admin_get(cfg, "/status", timeout=1.0)
+    refused = None
+    try:
+        running = admin_get(cfg, "/status", timeout=1.0)
+    except AdminRefused as e:
+        running, refused = None, str(e)
     doc: dict[str, Any] = {
         "file": loaded.path,
         "valid": True,
@@ -63,6 +97,8 @@ def check_config(args: argparse.Namespace) -> int:
         doc["reload_would_change"] = diff(running["config"], new)
     else:
         doc["running_server"] = False
+        if refused:
+            doc["admin_refused"] = refused
 
     def text() -> str:
         lines = [f"{loaded.path}: valid"]
@@ -72,6 +108,8 @@ def check_config(args: argparse.Namespace) -> int:
             changes = doc["reload_would_change"]
             lines.append("a reload (systemctl reload ct-appliance) would change:")
             lines += [f"  {c}" for c in changes] or ["  nothing"]
+        elif refused:
+            lines.append(f"{refused}; nothing to compare")
         else:
             lines.append("no running server answered on admin.bind; nothing to compare")
         return "\n".join(lines)
@@ -91,7 +129,7 @@ def _signal_rows(lw: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _store_only(args: argparse.Namespace) -> dict[str, Any]:
+def _store_only(args: argparse.Namespace, why: str | None = None) -> dict[str, Any]:
     from .cli_store import open_store
     from .lifecycle import Transitions
 
@@ -102,7 +140,7 @@ def _store_only(args: argparse.Namespace) -> dict[str, Any]:
     counts["oldest_pending_seconds"] = time.time() - oldest if oldest else None
     dead = ib.records(state="dead", limit=10)
     return {
-        "server": "not running (figures from the store alone)",
+        "server": f"{why or 'not running'} (figures from the store alone)",
         "importer_paused": paused,
         "inbox": counts,
         "recent_dead": [
@@ -112,10 +150,17 @@ def _store_only(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def status(args: argparse.Namespace) -> int:
-    cfg = load(args).config
+    loaded, why = load_for_admin(args)
     window = parse_duration(args.window)
-    live = admin_get(cfg, f"/status?window={int(window)}s")
-    doc = live if live is not None else _store_only(args)
+    live = None
+    if why is None:
+        try:
+            live = admin_get(loaded.config, f"/status?window={int(window)}s")
+        except AdminRefused as e:
+            why = str(e)
+    if why is not None:
+        print(f"ct-appliance status: {why}", file=sys.stderr)
+    doc = live if live is not None else _store_only(args, why)
 
     def text() -> str:
         inbox = doc["inbox"]
@@ -158,7 +203,10 @@ def status(args: argparse.Namespace) -> int:
 
 
 def watch(args: argparse.Namespace) -> int:
-    cfg = load(args).config
+    loaded, why = load_for_admin(args)
+    if why is not None:
+        raise Failed(why)
+    cfg = loaded.config
     window = parse_duration(args.window)
     interval = parse_duration(args.interval)
     while True:

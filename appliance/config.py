@@ -706,6 +706,10 @@ def _validate_admin(admin: AdminConfig, b: _Builder) -> None:
         path = f"admin.allowed_hosts[{i}]"
         if not _HOST.fullmatch(host):
             b.fail(b.line(path), path, f"not a host name or address: {host!r}")
+    token = admin.token.value if admin.token is not None else b""
+    if not all(33 <= c < 127 for c in token):
+        why = "must be printable ASCII without spaces (it travels in an HTTP header)"
+        b.fail(b.line("admin.token"), "admin.token", why)
 
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")

@@ -4,7 +4,8 @@ Same document, same outcomes as a command: 2xx imported; 4xx other than 408 and 
 once; 408, 429, 5xx, connection refused or reset, TLS errors and the timeout retried, with
 ``Retry-After`` (seconds or an HTTP date) handed to the dispatcher's backoff. One pooled
 httpx client per config keeps connections alive; TLS is verified (``importer.ca_file`` for a
-private CA); redirects are not followed; the first 64 KiB of each answer is kept.
+private CA); redirects are not followed; the first 64 KiB of each answer is kept. A summary
+never holds the URL's password (`mask_url`): summaries are logged and shown by `inbox show`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 
 from .auth import sign
-from .config import ImporterConfig
+from .config import ImporterConfig, mask_url
 from .importer import TAIL_BYTES, AttemptResult
 
 _RETRYABLE_4XX = (408, 429)
@@ -78,7 +79,7 @@ class HttpAttempt:
             summary = f"no answer within {self.cfg.timeout_seconds:g} s"
             return AttemptResult("retry", summary, time.monotonic() - started)
         except httpx.HTTPError as e:
-            summary = f"{e.__class__.__name__}: {e}"[:300]
+            summary = mask_url(f"{e.__class__.__name__}: {e}")[:300]
             return AttemptResult("retry", summary, time.monotonic() - started)
         duration = time.monotonic() - started
         output = {"response": bytes(kept).decode("utf-8", "replace")}

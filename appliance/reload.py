@@ -1,14 +1,15 @@
 """What a reload changes, described for operators without a single secret.
 
-Used by the server on SIGHUP (logged) and by `check-config` (printed against the running
-server's summary), so both say the same thing.
+Used by the server on SIGHUP (logged), by `/status` and by `check-config` (printed against the
+running server's summary), so all say the same thing. URLs pass through `mask_url`: an
+``importer.url`` or ``jwks_url`` with ``user:password@`` shows as ``user:***@``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import Config, secret_count
+from .config import BearerConfig, Config, mask_url, secret_count
 
 
 def summary(cfg: Config) -> dict[str, Any]:
@@ -20,11 +21,17 @@ def summary(cfg: Config) -> dict[str, Any]:
         "listen": list(cfg.listen.bind),
         "tls": cfg.listen.tls is not None,
         "admin": cfg.admin.bind,
+        "admin_token": cfg.admin.token is not None,
+        "admin_allowed_hosts": list(cfg.admin.allowed_hosts),
         "store_path": cfg.store.path,
         "webhook_path": cfg.webhook.path,
         "max_body_bytes": cfg.webhook.max_body_bytes,
+        "max_inflight_body_bytes": cfg.webhook.max_inflight_body_bytes,
+        "max_connections": cfg.listen.max_connections,
         "ack": cfg.ack,
-        "importer": list(cfg.importer.command) if cfg.importer.command else cfg.importer.url,
+        "importer": (
+            list(cfg.importer.command) if cfg.importer.command else mask_url(cfg.importer.url or "")
+        ),
         "importer_concurrency": cfg.importer.concurrency,
         "importer_timeout_seconds": cfg.importer.timeout_seconds,
         "fail_first_deliveries": cfg.testing.fail_first_deliveries,
@@ -36,10 +43,14 @@ def summary(cfg: Config) -> dict[str, Any]:
         out["issuer"] = b.issuer
         out["audience"] = b.audience
         out["algorithms"] = list(b.algorithms)
-        out["key_source"] = next(
-            k for k in ("jwks_url", "jwks_file", "public_key_file", "secret") if getattr(b, k)
-        )
+        out["key_source"] = key_source(b)
     return out
+
+
+def key_source(b: BearerConfig) -> str:
+    """Where bearer keys come from: the kind, and the URL or file (never the secret)."""
+    kind = next(k for k in ("jwks_url", "jwks_file", "public_key_file", "secret") if getattr(b, k))
+    return kind if kind == "secret" else f"{kind} {mask_url(str(getattr(b, kind)))}"
 
 
 RESTART_KEYS = ("listen", "tls", "admin", "store_path")

@@ -415,6 +415,14 @@ def test_admin_token_and_allowed_hosts(monkeypatch) -> None:  # type: ignore[no-
     assert config.loads(BASE).config.admin.token is None
 
 
+def test_an_admin_token_must_travel_in_a_header(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TOKEN", "a b" + LONG)
+    found = problems(BASE + "admin: {token: {env: TOKEN}}\n")
+    assert found == [
+        "c.yaml:3: admin.token: must be printable ASCII without spaces (it travels in an HTTP header)"
+    ]
+
+
 def test_an_operator_command_resolves_only_the_admin_token(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TOKEN", LONG)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
