@@ -5,6 +5,7 @@
     │   ├── NotFound               404 not_found
     │   ├── MethodNotAllowed       405 method_not_allowed
     │   ├── Unavailable            503 unavailable       (draining, store unavailable)
+    │   ├── Overloaded             503 overloaded        (body budget or connection cap spent)
     │   ├── PayloadTooLarge        413 too_large
     │   ├── BodyTimeout            503 body_timeout
     │   ├── Unauthorized           401 unauthorized
@@ -53,6 +54,10 @@ class MethodNotAllowed(HTTPError):
 
 class Unavailable(HTTPError):
     status, code, retry_after = 503, "unavailable", 5
+
+
+class Overloaded(HTTPError):
+    status, code, retry_after = 503, "overloaded", 5
 
 
 class PayloadTooLarge(HTTPError):

@@ -3,13 +3,17 @@
 The webhook path is served by `WebhookEndpoint`, installed as the Quart app's ASGI middleware
 (`app.asgi_app`), because the request path is where throughput is won: it reads the body as a
 stream (so the size limit holds for a lying Content-Length or a chunked body, and the body
-timeout is one cancel scope), and runs the checks of spec §4 in their order:
+timeout is one cancel scope), and runs the checks of spec §4 in their order, except that what
+the headers alone can refuse is refused before a byte of the body is read:
 
-    path/method -> draining/store -> size -> body timeout -> auth -> JSON -> shape
+    path/method -> draining/store -> declared size -> credentials in the headers (bearer: the
+    whole token; HMAC: the signature header is present and well formed) -> body, within the
+    body budget, the size limit and the body timeout -> HMAC over the raw body -> JSON -> shape
     -> retry drill -> durable group commit -> (ack: imported: wait for the import) -> answer
 
 Everything else on this listener goes to Quart, which answers 404 in the same JSON error shape.
-An unauthenticated body is never parsed, stored or logged.
+An unauthenticated body is never parsed, stored or logged; the log lines that unauthenticated
+requests cause are rate-limited (every request is still counted in the metrics).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from . import errors, payload
 from .auth import AuthFailure
 from .errors import HTTPError
 from .inbox import Accepted, Incoming
+from .limits import Hold
 from .logs import fields
 from .runtime import Runtime
 
@@ -47,6 +52,17 @@ class _Disconnected(Exception):
     pass
 
 
+class _Exchange:
+    """One request's bookkeeping: log fields, and how far the body and the sender got."""
+
+    __slots__ = ("info", "body_read", "authenticated")
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+        self.body_read = False
+        self.authenticated = False
+
+
 class WebhookEndpoint:
     def __init__(self, fallback: ASGIApp, rt: Runtime) -> None:
         self.fallback = fallback
@@ -58,9 +74,10 @@ class WebhookEndpoint:
             return
         started = time.perf_counter()
         live = self.rt.live  # one config for the whole request, even across a reload
-        info: dict[str, Any] = {}
+        ex = _Exchange()
+        drain = False
         try:
-            status, body, outcome = await self._handle(scope, receive, live, info)
+            status, body, outcome = await self._handle(scope, receive, live, ex)
             headers = [_JSON]
         except HTTPError as e:
             status, body, outcome = e.status, e.body(), e.code
@@ -69,10 +86,17 @@ class WebhookEndpoint:
                 headers.append((b"retry-after", str(e.retry_after).encode()))
             if isinstance(e, errors.Unauthorized) and live.verifier.mode == "bearer":
                 headers.append((b"www-authenticate", b'Bearer error="invalid_token"'))
-            if isinstance(e, errors.PayloadTooLarge | errors.BodyTimeout):
-                headers.append((b"connection", b"close"))
             if isinstance(e, errors.MethodNotAllowed):
                 headers.append((b"allow", b"POST"))
+            if not ex.body_read and scope["method"] == "POST":
+                # Answered before the body was read. A refused credential keeps the connection:
+                # the answer goes out at once and the body is read and dropped behind it (the
+                # sender sees its 401, not a reset). Anything else closes the connection.
+                drain = isinstance(e, errors.Unauthorized)
+                if not drain:
+                    headers.append((b"connection", b"close"))
+            elif isinstance(e, errors.PayloadTooLarge | errors.BodyTimeout):
+                headers.append((b"connection", b"close"))
         except _Disconnected:
             return
         except Exception:
@@ -81,9 +105,25 @@ class WebhookEndpoint:
             status, body, outcome, headers = err.status, err.body(), err.code, [_JSON]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": drain})
         seconds = time.perf_counter() - started
         self.rt.metrics.request(outcome, status, seconds)
+        self._log(ex, outcome, status, seconds)
+        if drain:
+            cfg = live.config.webhook
+            if await _discard_body(receive, cfg.max_body_bytes, cfg.body_timeout_seconds):
+                await send({"type": "http.response.body", "body": b""})
+
+    def _log(self, ex: _Exchange, outcome: str, status: int, seconds: float) -> None:
+        info = ex.info
+        if not ex.authenticated:
+            # What an anonymous sender can make us write is bounded: a burst, then a few lines
+            # a second, each saying how many were left out since the last one.
+            dropped = self.rt.anonymous_log.allow()
+            if dropped is None:
+                return
+            if dropped:
+                info["suppressed_since_last"] = dropped
         log.info(
             "delivery",
             extra=fields(
@@ -95,7 +135,7 @@ class WebhookEndpoint:
         )
 
     async def _handle(
-        self, scope: Scope, receive: Receive, live: Any, info: dict[str, Any]
+        self, scope: Scope, receive: Receive, live: Any, ex: _Exchange
     ) -> tuple[int, bytes, str]:
         rt, cfg = self.rt, live.config
         if scope["method"] != "POST":
@@ -107,17 +147,33 @@ class WebhookEndpoint:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         limit = cfg.webhook.max_body_bytes
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        if length is not None and length > limit:
             raise errors.PayloadTooLarge(f"body larger than {limit} bytes")
-        body = await _read_body(receive, limit, cfg.webhook.body_timeout_seconds)
+        verifier = live.verifier
+        with rt.budget.hold() as hold:
+            try:
+                verifier.precheck(headers)
+                if not verifier.needs_body:
+                    await verifier.verify(headers, b"")
+                # A declared length is reserved whole before reading, so a body admitted is a
+                # body that can finish; a chunked body reserves as it arrives.
+                if length is not None and not hold.grow(length):
+                    raise errors.Overloaded("too many bodies in flight; retry later")
+                seconds = cfg.webhook.body_timeout_seconds
+                body = await _read_body(receive, limit, seconds, hold, reserved=length is not None)
+                ex.body_read = True
+                if verifier.needs_body:
+                    await verifier.verify(headers, body)
+            except AuthFailure as e:
+                rt.metrics.signature_failures.labels(verifier.mode).inc()
+                ex.info["auth_failure"] = e.reason
+                raise errors.Unauthorized("authentication failed") from None
+            ex.authenticated = True
+            return await self._accept(body, live, ex.info)
 
-        try:
-            await live.verifier.verify(headers, body)
-        except AuthFailure as e:
-            rt.metrics.signature_failures.labels(live.verifier.mode).inc()
-            info["auth_failure"] = e.reason
-            raise errors.Unauthorized("authentication failed") from None
-
+    async def _accept(self, body: bytes, live: Any, info: dict[str, Any]) -> tuple[int, bytes, str]:
+        rt, cfg = self.rt, live.config
         delivery = payload.parse(body)
         info["cost_basis_run_id"] = delivery.cost_basis_run_id
         if rt.drill_remaining > 0:
@@ -160,7 +216,11 @@ class WebhookEndpoint:
             )
 
 
-async def _read_body(receive: Receive, limit: int, seconds: float) -> bytes:
+async def _read_body(
+    receive: Receive, limit: int, seconds: float, hold: Hold, *, reserved: bool
+) -> bytes:
+    """The whole body. Hypercorn holds it to its Content-Length, so a reserved body never
+    outgrows its reservation; a chunked one grows its hold chunk by chunk."""
     chunks: list[bytes] = []
     size = 0
     with trio.move_on_after(seconds):
@@ -172,10 +232,28 @@ async def _read_body(receive: Receive, limit: int, seconds: float) -> bytes:
             size += len(chunk)
             if size > limit:
                 raise errors.PayloadTooLarge(f"body larger than {limit} bytes")
+            if chunk and not reserved and not hold.grow(len(chunk)):
+                raise errors.Overloaded("too many bodies in flight; retry later")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
     raise errors.BodyTimeout(f"body not complete within {seconds:g} s; retry")
+
+
+async def _discard_body(receive: Receive, limit: int, seconds: float) -> bool:
+    """Read what is left of a refused body and drop it; True when it ended in time."""
+    size = 0
+    with trio.move_on_after(seconds):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            size += len(message.get("body", b""))
+            if size > limit:
+                return False
+            if not message.get("more_body", False):
+                return True
+    return False
 
 
 def create_app(rt: Runtime) -> Quart:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from . import errors
@@ -212,6 +212,39 @@ class _InboxCollector(Collector):
         )
 
 
+class _LimitsCollector(Collector):
+    """What anonymous senders are costing: connections per listener, body bytes in flight."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.read = read
+
+    def collect(self) -> Any:
+        c = self.read()
+        open_ = GaugeMetricFamily(
+            "ct_appliance_open_connections", "Open connections", labels=["listener"]
+        )
+        refused = CounterMetricFamily(
+            "ct_appliance_connections_refused",
+            "Connections answered 503 and closed at listen.max_connections",
+            labels=["listener"],
+        )
+        evicted = CounterMetricFamily(
+            "ct_appliance_connections_evicted",
+            "Idle connections closed to make room at listen.max_connections",
+            labels=["listener"],
+        )
+        for listener, gate in c["gates"].items():
+            open_.add_metric([listener], gate.open)
+            refused.add_metric([listener], gate.refused)
+            evicted.add_metric([listener], gate.evicted)
+        yield from (open_, refused, evicted)
+        yield GaugeMetricFamily(
+            "ct_appliance_inflight_body_bytes",
+            "Bytes of webhook bodies held right now (webhook.max_inflight_body_bytes bounds it)",
+            c["inflight_body_bytes"],
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise
@@ -260,6 +293,9 @@ class Metrics:
 
     def watch_inbox(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_InboxCollector(read))
+
+    def watch_limits(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_LimitsCollector(read))
 
     def request(self, outcome: str, status: int, seconds: float) -> None:
         self.requests.labels(outcome, str(status)).inc()

@@ -15,11 +15,17 @@ import trio
 from .auth import Verifier
 from .config import Config
 from .inbox import Inbox
+from .limits import BodyBudget, RateLimit
 from .metrics import Metrics
 from .store import GroupCommitter, Store
 
 if TYPE_CHECKING:
+    from .connections import ConnectionGate
     from .dispatcher import Dispatcher
+
+# Log lines of unauthenticated requests: a burst of 50, then 5 a second.
+ANONYMOUS_LOG_PER_SECOND = 5.0
+ANONYMOUS_LOG_BURST = 50
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,10 @@ class Runtime:
         self.started_at = 0.0
         self.last_reload: dict[str, Any] = {}
         self.nursery: trio.Nursery | None = None
+        cfg = live.config
+        self.budget = BodyBudget(cfg.webhook.max_inflight_body_bytes, cfg.webhook.max_body_bytes)
+        self.anonymous_log = RateLimit(ANONYMOUS_LOG_PER_SECOND, ANONYMOUS_LOG_BURST)
+        self.webhook_gate: ConnectionGate | None = None
 
     def ready(self) -> tuple[bool, str]:
         if self.draining:

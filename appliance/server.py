@@ -32,7 +32,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import admin, http, hypercorn_fix, logs, sdnotify
+from . import admin, connections, http, logs, sdnotify
 from .auth import Verifier, make_verifier
 from .config import Config, Loaded
 from .config import load as load_config
@@ -46,7 +46,21 @@ from .store import GroupCommitter, Store
 from .version import VERSION
 
 log = logging.getLogger("ct_appliance.server")
-hypercorn_fix.apply()
+connections.install()
+
+
+TLS12_CIPHERS = ":".join(
+    f"ECDHE-{auth}-{cipher}"
+    for cipher in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305")
+    for auth in ("ECDSA", "RSA")
+)
+# HTTP/2 (TLS only): streams one connection may have open at once. Their bodies draw on the
+# same body budget as HTTP/1.1 requests; this only bounds the per-connection bookkeeping.
+H2_MAX_STREAMS = 16
+# Hypercorn queues this many body chunks (up to 64 KiB each) per request before it stops
+# reading the socket: what a connection can buffer beyond the body budget.
+APP_QUEUE_CHUNKS = 4
+ADMIN_MAX_CONNECTIONS = 64
 
 
 class TLSHolder:
@@ -60,10 +74,14 @@ class TLSHolder:
 
     @staticmethod
     def _context(cert_file: str, key_file: str) -> ssl.SSLContext:
+        # Mozilla's "intermediate" profile without DHE: TLS 1.3, and TLS 1.2 with ECDHE key
+        # exchange and AEAD ciphers only (no CBC, no RSA key exchange); no renegotiation.
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(TLS12_CIPHERS)
+        ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         ctx.load_cert_chain(cert_file, key_file)
-        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
         return ctx
 
     def _pick(self, sslobj: Any, _name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -75,12 +93,15 @@ class TLSHolder:
 
 class _HyperConfig(HyperConfig):
     tls: TLSHolder | None = None
+    connection_gate: connections.ConnectionGate | None = None
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         return self.tls.outer if self.tls is not None else None
 
 
-def _hyper_config(binds: list[str], cfg: Config, tls: TLSHolder | None) -> _HyperConfig:
+def _hyper_config(
+    binds: list[str], cfg: Config, tls: TLSHolder | None, gate: connections.ConnectionGate
+) -> _HyperConfig:
     hc = _HyperConfig()
     hc.bind = binds
     hc.graceful_timeout = cfg.listen.graceful_timeout_seconds
@@ -88,6 +109,9 @@ def _hyper_config(binds: list[str], cfg: Config, tls: TLSHolder | None) -> _Hype
     hc.backlog = 2048
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.connection_gate = gate
+    hc.h2_max_concurrent_streams = H2_MAX_STREAMS
+    hc.max_app_queue_size = APP_QUEUE_CHUNKS
     if tls is not None and cfg.listen.tls is not None:
         hc.tls = tls
         hc.certfile = cfg.listen.tls.cert_file
@@ -155,8 +179,14 @@ async def _run(loaded: Loaded, store: Store, inbox: Inbox) -> None:
     rt.dispatcher = dispatcher
     metrics.watch_inbox(lambda: _inbox_gauges(rt))
     tls = TLSHolder(cfg.listen.tls.cert_file, cfg.listen.tls.key_file) if cfg.listen.tls else None
-    web_cfg = _hyper_config(list(cfg.listen.bind), cfg, tls)
-    admin_cfg = _hyper_config([cfg.admin.bind], cfg, None)
+    gates = {
+        "webhook": connections.ConnectionGate(cfg.listen.max_connections),
+        "admin": connections.ConnectionGate(ADMIN_MAX_CONNECTIONS),
+    }
+    rt.webhook_gate = gates["webhook"]
+    metrics.watch_limits(lambda: {"gates": gates, "inflight_body_bytes": rt.budget.used})
+    web_cfg = _hyper_config(list(cfg.listen.bind), cfg, tls, gates["webhook"])
+    admin_cfg = _hyper_config([cfg.admin.bind], cfg, None, gates["admin"])
 
     shutdown = trio.Event()
     async with trio.open_nursery() as outer:
@@ -289,6 +319,9 @@ async def reload(rt: Runtime, tls: TLSHolder | None) -> bool:
         log.warning("config warning", extra=logs.fields(detail=warning))
     old_verifier = rt.live.verifier
     rt.live = Live(new, verifier)
+    rt.budget.configure(new.webhook.max_inflight_body_bytes, new.webhook.max_body_bytes)
+    if rt.webhook_gate is not None:
+        rt.webhook_gate.limit = new.listen.max_connections
     old_verifier.stop()
     if rt.nursery is not None:
         rt.nursery.start_soon(verifier.run)

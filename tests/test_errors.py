@@ -12,6 +12,7 @@ def test_every_http_error_has_the_one_shape_and_its_status() -> None:
         errors.NotFound: (404, "not_found"),
         errors.MethodNotAllowed: (405, "method_not_allowed"),
         errors.Unavailable: (503, "unavailable"),
+        errors.Overloaded: (503, "overloaded"),
         errors.PayloadTooLarge: (413, "too_large"),
         errors.BodyTimeout: (503, "body_timeout"),
         errors.Unauthorized: (401, "unauthorized"),

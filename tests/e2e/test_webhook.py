@@ -221,7 +221,11 @@ def test_lying_content_length_and_chunked_body_past_limit_get_413_memory_flat(
     answer = _raw_request(app.port, head, [b"x" * 1000])
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # A chunked body that never says how long it is: cut off at the limit while streaming.
-    head = b"POST /webhooks/cointracker HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # (A well-formed signature header: without one the sender is refused before the body.)
+    head = (
+        b"POST /webhooks/cointracker HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Cointracker-Signature: " + b"0" * 64 + b"\r\n\r\n"
+    )
     chunk = b"x" * 65536
     frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
     answer = _raw_request(app.port, head, (frame for _ in range(3200)))  # up to 200 MiB
@@ -233,7 +237,10 @@ def test_lying_content_length_and_chunked_body_past_limit_get_413_memory_flat(
 
 def test_body_not_complete_in_time_is_503_body_timeout(make_appliance: Any) -> None:
     app = make_appliance({"webhook": {"body_timeout_seconds": 1}}).start()
-    head = b"POST /webhooks/cointracker HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    head = (
+        b"POST /webhooks/cointracker HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        b"X-Cointracker-Signature: " + b"0" * 64 + b"\r\n\r\n"
+    )
     started = time.monotonic()
     answer = _raw_request(app.port, head, [b'{"flow_ids":'])
     assert answer.startswith(b"HTTP/1.1 503"), answer

@@ -146,11 +146,15 @@ def expected(body: bytes) -> tuple[int, str | None]:
         return 400, "invalid_json"
     if not isinstance(doc, dict):
         return 400, "invalid_json"
+
+    def an_id(value: Any) -> bool:  # spec §1: a non-empty string of at most 1,024 bytes
+        return isinstance(value, str) and 0 < len(value.encode("utf-8", "surrogatepass")) <= 1024
+
     flows = doc.get("flow_ids")
-    if not isinstance(flows, list) or not all(isinstance(f, str) and f for f in flows):
+    if not isinstance(flows, list) or not all(an_id(f) for f in flows):
         return 400, "invalid_payload"
     for key in ("cost_basis_run_id", "ghost_user_id"):
-        if not isinstance(doc.get(key), str) or not doc[key]:
+        if not an_id(doc.get(key)):
             return 400, "invalid_payload"
     for key in ("user_config", "partner_config"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
