@@ -13,6 +13,7 @@ once a second so that `inbox retry` and `importer pause|resume` from the CLI tak
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from .importer import Attempt, AttemptResult, enable_subreaper, make_attempt, re
 from .inbox import rfc3339
 from .lifecycle import Transitions
 from .logs import fields
-from .payload import importer_document
+from .payload import THREAD_PARSE_BYTES, importer_document
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -168,13 +169,17 @@ class Dispatcher:
         cfg, attempt = self.cfg, self.attempt
         try:
             try:
-                doc = importer_document(
+                build = functools.partial(
+                    importer_document,
                     body,
                     delivery_id=rec["delivery_id"],
                     attempt=attempt_no,
                     received_at=rfc3339(rec["received_at"]),
                     new_flow_ids=rec["flows"],
                 )
+                # A big body is parsed on a worker thread, as on the request path.
+                big = len(body) > THREAD_PARSE_BYTES
+                doc = await trio.to_thread.run_sync(build) if big else build()
             except (ValueError, KeyError) as e:
                 result = AttemptResult("dead", f"stored body unreadable: {e}", 0.0)
             else:

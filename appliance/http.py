@@ -32,6 +32,7 @@ from . import errors, payload
 from .auth import AuthFailure
 from .errors import HTTPError
 from .inbox import Accepted, Incoming
+from .intake import Acceptance
 from .limits import Hold
 from .logs import fields
 from .runtime import Runtime
@@ -45,6 +46,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
+
 _DUPLICATE = b'{"status":"duplicate"}'
 
 
@@ -174,7 +176,10 @@ class WebhookEndpoint:
 
     async def _accept(self, body: bytes, live: Any, info: dict[str, Any]) -> tuple[int, bytes, str]:
         rt, cfg = self.rt, live.config
-        delivery = payload.parse(body)
+        if len(body) > payload.THREAD_PARSE_BYTES:
+            delivery = await trio.to_thread.run_sync(payload.parse, body)
+        else:
+            delivery = payload.parse(body)
         info["cost_basis_run_id"] = delivery.cost_basis_run_id
         if rt.drill_remaining > 0:
             rt.drill_remaining -= 1
@@ -184,7 +189,7 @@ class WebhookEndpoint:
         imported_ack = cfg.ack == "imported"
         item = Incoming(delivery, body, time.time(), want_owners=imported_ack)
         try:
-            result: Accepted = await rt.committer.submit(lambda txn: rt.inbox.accept_txn(txn, item))
+            result: Accepted = await rt.committer.submit_steps(Acceptance(rt.inbox, item))
         except errors.StoreError as e:
             raise errors.Unavailable(f"store unavailable: {e}") from None
         if result.status == "accepted" and rt.dispatcher is not None:

@@ -7,6 +7,8 @@ Sub-databases of the one LMDB environment (see store.py):
     deliveries  seq (8 bytes, big-endian)  -> delivery record (JSON)
     bodies      seq                        -> raw body bytes, exactly as received and verified
     attempts    seq + attempt (4 bytes)    -> captured output of one importer attempt
+    parts       seq + part (4 bytes)       -> new flow ids (JSON list) of one committed slice
+                                              of a delivery still `receiving` (intake.py)
     flows       flow key                   -> seq of the delivery that claimed the flow id
                                               (index environment, see store.py)
     index_meta  applied_seq, boot_id, clean -> how far the index has applied the inbox
@@ -20,10 +22,11 @@ Sub-databases of the one LMDB environment (see store.py):
 * `seq` grows by one per stored delivery and gives FIFO order. The delivery id shown to users
   and importers is ``<instance>-<seq>``, where the instance id is drawn once when the store is
   created, so ids never repeat even if a store is wiped and recreated.
-* Accepting a delivery is ONE operation of the group commit: for every distinct flow id of the
-  body, ``put(flow key, seq, overwrite=False)`` claims it if nobody has (one C call answers
-  "was it new"). If at least one was new, the record, the body and a queue entry are written in
-  the same transaction; otherwise nothing but the run record changes and the answer is
+* Accepting a delivery is a group-commit operation of one step (a big delivery: one step per
+  slice of flow ids, see intake.py): for every distinct flow id of the body,
+  ``put(flow key, seq, overwrite=False)`` claims it if nobody has (one C call answers "was it
+  new"). If at least one was new, the record, the body and a queue entry are written in the
+  same transaction; otherwise nothing but the run record changes and the answer is
   `duplicate`. Because one writer runs these in commit order, two overlapping deliveries can
   never both claim a flow id, and the answer is exact.
 * Only the new flow ids are kept in the record: they are exactly what the importer must see,
@@ -164,52 +167,76 @@ class Inbox:
     def delivery_id_of(self, seq: int) -> str:
         return delivery_id(self.instance, seq)
 
-    # -- intake -----------------------------------------------------------------------------
-    def accept_txn(self, txn: Txn, item: Incoming) -> Accepted:
-        dbs = self.dbs
-        with txn.cursor(db=dbs.deliveries) as cur:
-            seq = key_seq(cur.key()) + 1 if cur.last() else 1
-        skey = seq_key(seq)
-        new: list[str] = []
-        owners: set[int] = set()
-        itxn = txn.index  # the hot loop talks to the index transaction directly
-        put, get, flows = itxn.put, itxn.get, dbs.flows
-        for flow_id in item.delivery.flow_ids:
-            key = flow_key(flow_id)
-            if put(key, skey, overwrite=False, db=flows):
-                new.append(flow_id)
-            elif item.want_owners:
-                owners.add(key_seq(get(key, db=flows)))
+    # -- intake (the steps themselves are in intake.py) -------------------------------------
+    def next_seq_txn(self, txn: Txn) -> int:
+        with txn.cursor(db=self.dbs.deliveries) as cur:
+            return key_seq(cur.key()) + 1 if cur.last() else 1
+
+    def begin_receiving_txn(self, txn: Txn, seq: int, item: Incoming) -> None:
+        """A delivery claimed over several commits: its body and a `receiving` record now."""
         d = item.delivery
-        dup = len(d.flow_ids) - len(new)
-        self._count_run_txn(txn, d, item.received_at, len(new), dup)
-        if not new:
-            return Accepted("duplicate", None, None, 0, dup, frozenset(owners))
-        record = new_record(
+        rec = new_record(
             seq,
             received_at=item.received_at,
             run=d.cost_basis_run_id,
             user=d.ghost_user_id,
-            flows=new,
-            duplicate_flows=dup,
+            flows=[],
             in_body_duplicates=d.in_body_duplicates,
             body_bytes=len(item.body),
         )
-        txn.put(skey, json.dumps(record, separators=(",", ":")).encode(), db=dbs.deliveries)
-        txn.put(skey, item.body, db=dbs.bodies)
-        txn.put(skey, queue_value(item.received_at, False), db=dbs.queue)
-        itxn.put(b"applied_seq", skey, db=dbs.index_meta)
-        return Accepted(
-            "accepted", delivery_id(self.instance, seq), seq, len(new), dup, frozenset(owners)
-        )
+        rec["state"], rec["flow_count"] = "receiving", len(d.flow_ids)
+        self.put_record_txn(txn, rec)
+        txn.put(seq_key(seq), item.body, db=self.dbs.bodies)
 
-    def _count_run_txn(self, txn: Txn, d: Delivery, now: float, new: int, dup: int) -> None:
-        key = run_key(d.cost_basis_run_id)
+    def put_part_txn(self, txn: Txn, seq: int, part: int, flows: list[str]) -> None:
+        txn.put(seq_key(seq) + struct.pack(">I", part), _dumps(flows), db=self.dbs.parts)
+
+    def drop_parts_txn(self, txn: Txn, seq: int, parts: int) -> None:
+        for part in range(parts):
+            txn.delete(seq_key(seq) + struct.pack(">I", part), db=self.dbs.parts)
+
+    def store_record_txn(
+        self,
+        txn: Txn,
+        seq: int,
+        *,
+        received_at: float,
+        run: str,
+        user: str,
+        flows: list[str],
+        duplicate_flows: int,
+        in_body_duplicates: int,
+        body: bytes | None,
+        body_bytes: int,
+    ) -> None:
+        """The record as the importer will take it: pending, queued, its run counted. `body`
+        is None when it was stored already (a delivery that was `receiving`)."""
+        record = new_record(
+            seq,
+            received_at=received_at,
+            run=run,
+            user=user,
+            flows=flows,
+            duplicate_flows=duplicate_flows,
+            in_body_duplicates=in_body_duplicates,
+            body_bytes=body_bytes,
+        )
+        skey = seq_key(seq)
+        txn.put(skey, _dumps(record), db=self.dbs.deliveries)
+        if body is not None:
+            txn.put(skey, body, db=self.dbs.bodies)
+        txn.put(skey, queue_value(received_at, False), db=self.dbs.queue)
+        self.count_run_txn(txn, run, user, received_at, len(flows), duplicate_flows)
+
+    def count_run_txn(
+        self, txn: Txn, run_id: str, user: str, now: float, new: int, dup: int
+    ) -> None:
+        key = run_key(run_id)
         raw = txn.get(key, db=self.dbs.runs)
         if raw is None:
             run: dict[str, Any] = {
-                "run_id": d.cost_basis_run_id,
-                "ghost_user_id": d.ghost_user_id,
+                "run_id": run_id,
+                "ghost_user_id": user,
                 "pages": 0,
                 "accepted_pages": 0,
                 "duplicate_pages": 0,
@@ -224,7 +251,43 @@ class Inbox:
         run["flows_new"] += new
         run["flows_duplicate"] += dup
         run["last_seen"] = now
-        txn.put(key, json.dumps(run, separators=(",", ":")).encode(), db=self.dbs.runs)
+        txn.put(key, _dumps(run), db=self.dbs.runs)
+
+    def receiving_txn(self, txn: Txn) -> dict[int, list[str]]:
+        """Deliveries still `receiving` (a crash or a failed commit cut them short) with the
+        new flow ids of their committed parts, in order."""
+        out: dict[int, list[str]] = {}
+        with txn.cursor(db=self.dbs.parts) as cur:
+            for key, raw in cur:
+                out.setdefault(key_seq(key[:8]), []).extend(json.loads(raw))
+        return out
+
+    def finish_receiving_txn(self, txn: Txn) -> int:
+        """At start: every `receiving` delivery becomes pending with the flow ids it claimed
+        (its sender was not answered, and its retry claims the rest). Returns how many."""
+        finished = 0
+        for seq, flows in self.receiving_txn(txn).items():
+            with txn.cursor(db=self.dbs.parts) as cur:
+                parts = [k for k in cur.iternext(values=False) if key_seq(k[:8]) == seq]
+            for key in parts:
+                txn.delete(key, db=self.dbs.parts)
+            rec = self.record_txn(txn, seq)
+            if rec is None or rec["state"] != "receiving":
+                continue
+            self.store_record_txn(
+                txn,
+                seq,
+                received_at=rec["received_at"],
+                run=rec["run"],
+                user=rec["user"],
+                flows=flows,
+                duplicate_flows=rec["flow_count"] - len(flows),
+                in_body_duplicates=rec["in_body_duplicates"],
+                body=None,
+                body_bytes=rec["body_bytes"],
+            )
+            finished += 1
+        return finished
 
     # -- records ----------------------------------------------------------------------------
     def record_txn(self, txn: Txn, seq: int) -> dict[str, Any] | None:
@@ -237,11 +300,7 @@ class Inbox:
 
     def put_record_txn(self, txn: Txn, rec: dict[str, Any]) -> None:
         body = {k: v for k, v in rec.items() if k != "delivery_id"}
-        txn.put(
-            seq_key(rec["seq"]),
-            json.dumps(body, separators=(",", ":")).encode(),
-            db=self.dbs.deliveries,
-        )
+        txn.put(seq_key(rec["seq"]), _dumps(body), db=self.dbs.deliveries)
 
     def body_txn(self, txn: Txn, seq: int) -> bytes | None:
         raw = txn.get(seq_key(seq), db=self.dbs.bodies)
@@ -277,6 +336,7 @@ class Inbox:
             total = txn.stat(self.dbs.deliveries)["entries"]
             queued = txn.stat(self.dbs.queue)["entries"]
             dead = txn.stat(self.dbs.dead)["entries"]
+            receiving = len(self.receiving_txn(txn))
             importing = 0
             oldest: float | None = None
             with txn.cursor(db=self.dbs.queue) as cur:
@@ -288,8 +348,9 @@ class Inbox:
             return {
                 "pending": queued - importing,
                 "importing": importing,
-                "done": total - queued - dead,
+                "done": total - queued - dead - receiving,
                 "dead": dead,
+                "receiving": receiving,
                 "total": total,
                 "flows": txn.stat(self.dbs.flows)["entries"],
                 "runs": txn.stat(self.dbs.runs)["entries"],
@@ -348,15 +409,20 @@ class Inbox:
         raw = txn.get(b"applied_seq", db=self.dbs.index_meta)
         applied = key_seq(raw) if raw is not None else 0
         claimed = 0
-        put, flows = txn.index.put, self.dbs.flows
+        put, flows_db = txn.index.put, self.dbs.flows
         last = applied
         with txn.cursor(db=self.dbs.deliveries) as cur:
             if cur.set_range(seq_key(applied + 1)):
                 for key, value in cur:
                     for fid in json.loads(value)["flows"]:
-                        claimed += put(flow_key(fid), key, overwrite=False, db=flows)
+                        claimed += put(flow_key(fid), key, overwrite=False, db=flows_db)
                     last = key_seq(key)
         txn.put(b"applied_seq", seq_key(last), db=self.dbs.index_meta)
+        # Parts of deliveries still receiving may sit below the watermark (intake.py): their
+        # claims are re-applied every time (idempotent, and there are few of them).
+        for seq, flows in self.receiving_txn(txn).items():
+            for fid in flows:
+                claimed += put(flow_key(fid), seq_key(seq), overwrite=False, db=flows_db)
         return claimed
 
     def recover_index(self) -> dict[str, Any]:
@@ -377,15 +443,23 @@ class Inbox:
                 txn.drop(self.dbs.flows, delete=False)
                 txn.put(b"applied_seq", seq_key(0), db=meta)
             claimed = self._replay_txn(txn)
+            finished = self.finish_receiving_txn(txn)
             txn.put(b"clean", b"0", db=meta)
             txn.put(b"boot_id", boot.encode(), db=meta)
-            return {"rebuilt": not trusted, "replayed_flow_ids": claimed}
+            out = {"rebuilt": not trusted, "replayed_flow_ids": claimed}
+            if finished:
+                out["finished_receiving"] = finished
+            return out
 
         return self.store.write(recover)
 
     def mark_index_clean(self) -> None:
         """At a clean stop, after the last write: the index may be trusted after a reboot."""
         self.store.write(lambda txn: txn.put(b"clean", b"1", db=self.dbs.index_meta))
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _boot_id() -> str:

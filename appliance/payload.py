@@ -22,6 +22,10 @@ MAX_ID_BYTES = 1024
 # Up to this many characters an id is within MAX_ID_BYTES whatever it holds (4 bytes a code
 # point at most), so only longer ids are ever encoded to be measured.
 FAST_ID_CHARS = MAX_ID_BYTES // 4
+# Bodies above this are parsed on a worker thread (server and dispatcher): a 6 MB body with
+# 400,000 flow ids takes ~200 ms to parse and check, and the event loop then only waits for
+# the longest single C call of it (json.loads holds the GIL throughout).
+THREAD_PARSE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,7 +128,7 @@ async def run(loaded: Loaded) -> None:
     try:
         inbox = Inbox(store)
         recovered = await _recover_index(inbox)
-        if recovered["rebuilt"] or recovered["replayed_flow_ids"]:
+        if any(recovered.values()):
             log.warning("flow index recovered from the inbox", extra=logs.fields(**recovered))
         await _run(loaded, store, inbox)
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 
 from appliance.inbox import Inbox, Incoming, flow_key
+from appliance.intake import accept_txn
 from appliance.lifecycle import Transitions
 from appliance.payload import Delivery
 from appliance.store import GroupCommitter, Store
@@ -22,9 +23,9 @@ def incoming(flows: list[str], run: str = "r", body: bytes = b"{}") -> Incoming:
 def test_claims_are_exact_and_duplicates_store_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
-    a = store.write(lambda t: inbox.accept_txn(t, incoming(["x", "y"])))
-    b = store.write(lambda t: inbox.accept_txn(t, incoming(["y", "z"])))
-    c = store.write(lambda t: inbox.accept_txn(t, incoming(["x", "z"])))
+    a = store.write(lambda t: accept_txn(inbox, t, incoming(["x", "y"])))
+    b = store.write(lambda t: accept_txn(inbox, t, incoming(["y", "z"])))
+    c = store.write(lambda t: accept_txn(inbox, t, incoming(["x", "z"])))
     assert (a.status, a.new, b.status, b.new, b.duplicate) == ("accepted", 2, "accepted", 1, 1)
     assert c.status == "duplicate" and c.delivery_id is None
     assert [r["flows"] for r in inbox.records(newest_first=False)] == [["x", "y"], ["z"]]
@@ -37,8 +38,8 @@ def test_flow_ids_longer_than_the_key_limit_are_stored_by_digest(tmp_path: Path)
     inbox = Inbox(store)
     long_id = "L" * 100_000
     assert len(flow_key(long_id)) == 33
-    first = store.write(lambda t: inbox.accept_txn(t, incoming([long_id, long_id + "2"])))
-    again = store.write(lambda t: inbox.accept_txn(t, incoming([long_id])))
+    first = store.write(lambda t: accept_txn(inbox, t, incoming([long_id, long_id + "2"])))
+    again = store.write(lambda t: accept_txn(inbox, t, incoming([long_id])))
     assert first.new == 2 and again.status == "duplicate"
     assert inbox.flows([long_id])[0]["known"] is True
 
@@ -48,7 +49,7 @@ def test_map_grows_by_itself(tmp_path: Path) -> None:
     inbox = Inbox(store)
     body = b"x" * 20_000
     for i in range(200):  # ~4 MB of bodies into a 1 MiB map
-        store.write(lambda t, i=i: inbox.accept_txn(t, incoming([f"g{i}"], body=body)))
+        store.write(lambda t, i=i: accept_txn(inbox, t, incoming([f"g{i}"], body=body)))
     assert store.env.info()["map_size"] > 1 << 20
     assert inbox.counts()["total"] == 200
 
@@ -66,7 +67,7 @@ async def test_group_commit_shares_commits_and_claims_exactly(tmp_path: Path) ->
 
         async def one(flows: list[str]) -> None:
             item = incoming(flows)
-            results.append(await committer.submit(lambda t: inbox.accept_txn(t, item)))
+            results.append(await committer.submit(lambda t: accept_txn(inbox, t, item)))
 
         async with trio.open_nursery() as senders:
             for flows in bodies:
@@ -96,7 +97,7 @@ async def test_a_failing_operation_fails_alone(tmp_path: Path) -> None:
         out: dict[str, object] = {}
 
         async def good() -> None:
-            out["good"] = await committer.submit(lambda t: inbox.accept_txn(t, incoming(["ok"])))
+            out["good"] = await committer.submit(lambda t: accept_txn(inbox, t, incoming(["ok"])))
 
         async def bad() -> None:
             try:
@@ -116,7 +117,7 @@ def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(tmp_path: Path) -> 
     store = Store(tmp_path)
     inbox = Inbox(store)
     tr = Transitions(inbox)
-    acc = store.write(lambda t: inbox.accept_txn(t, incoming(["a", "b"], body=b'{"k":1}')))
+    acc = store.write(lambda t: accept_txn(inbox, t, incoming(["a", "b"], body=b'{"k":1}')))
     seq = acc.seq
     assert seq is not None
     for n in range(3):
@@ -165,7 +166,7 @@ def test_crash_recovery_returns_importing_to_pending_as_rerun(tmp_path: Path) ->
     store = Store(tmp_path)
     inbox = Inbox(store)
     tr = Transitions(inbox)
-    seq = store.write(lambda t: inbox.accept_txn(t, incoming(["a"]))).seq
+    seq = store.write(lambda t: accept_txn(inbox, t, incoming(["a"]))).seq
     assert seq is not None
     store.write(lambda t: tr.start_txn(t, seq, 5.0))
     store.close()
@@ -182,8 +183,8 @@ def test_index_catches_up_after_a_crash_between_the_two_commits(tmp_path: Path) 
     store = Store(tmp_path)
     inbox = Inbox(store)
     inbox.recover_index()
-    store.write(lambda t: inbox.accept_txn(t, incoming(["a", "b"])))
-    second = store.write(lambda t: inbox.accept_txn(t, incoming(["c"])))
+    store.write(lambda t: accept_txn(inbox, t, incoming(["a", "b"])))
+    second = store.write(lambda t: accept_txn(inbox, t, incoming(["c"])))
     assert second.seq == 2
 
     # The inbox commit of delivery 2 landed; its index commit did not (process killed between).
@@ -206,7 +207,7 @@ def test_index_left_open_across_a_reboot_is_rebuilt(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
     inbox.recover_index()
-    store.write(lambda t: inbox.accept_txn(t, incoming(["a", "b"])))
+    store.write(lambda t: accept_txn(inbox, t, incoming(["a", "b"])))
     store.write(lambda t: t.put(b"boot_id", b"another-boot", db=store.dbs.index_meta))
     assert inbox.recover_index() == {"rebuilt": True, "replayed_flow_ids": 2}
     inbox.mark_index_clean()

@@ -19,6 +19,7 @@ import httpx
 
 from appliance import payload
 from appliance.inbox import Inbox, Incoming
+from appliance.intake import accept_txn
 from appliance.lifecycle import Transitions
 from appliance.store import Store
 
@@ -48,7 +49,7 @@ def seed(store_path: Path, deliveries: int = SEED_DELIVERIES) -> list[bytes]:
                 items.append(Incoming(payload.parse(body), body, now))
                 if i % 997 == 0:
                     sample.append(body)
-            store.write(lambda txn, items=items: [inbox.accept_txn(txn, it) for it in items])
+            store.write(lambda txn, items=items: [accept_txn(inbox, txn, it) for it in items])
     finally:
         store.close()
     return sample
