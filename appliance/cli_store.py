@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import flowindex
 from .cli import EXIT_FAILED, EXIT_OK, Failed, emit, load, table
 from .durations import format_age, parse_duration
 from .inbox import Inbox, rfc3339
@@ -232,7 +233,7 @@ def rebuild_index(args: argparse.Namespace) -> int:
     store, ib = open_store(args)
     started = time.monotonic()
     with exclusive_store(store.path):
-        claimed = store.write(ib.rebuild_index_txn)
+        claimed = flowindex.rebuild(ib)
     doc = {"flow_ids": claimed, "seconds": round(time.monotonic() - started, 3)}
     emit(args, doc, lambda: f"rebuilt the flow index: {claimed} flow ids in {doc['seconds']} s")
     return EXIT_OK

@@ -45,7 +45,6 @@ import struct
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from .payload import Delivery
@@ -397,76 +396,9 @@ class Inbox:
         raw = self.store.read(lambda txn: txn.get(run_key(run_id), db=self.dbs.runs))
         return json.loads(raw) if raw is not None else None
 
-    # -- index ------------------------------------------------------------------------------
-    def rebuild_index_txn(self, txn: Txn) -> int:
-        """Drop the flow index and re-derive it from the records in seq order."""
-        txn.drop(self.dbs.flows, delete=False)
-        txn.put(b"applied_seq", seq_key(0), db=self.dbs.index_meta)
-        return self._replay_txn(txn)
-
-    def _replay_txn(self, txn: Txn) -> int:
-        """Apply every record newer than the index's applied_seq; returns flow ids claimed."""
-        raw = txn.get(b"applied_seq", db=self.dbs.index_meta)
-        applied = key_seq(raw) if raw is not None else 0
-        claimed = 0
-        put, flows_db = txn.index.put, self.dbs.flows
-        last = applied
-        with txn.cursor(db=self.dbs.deliveries) as cur:
-            if cur.set_range(seq_key(applied + 1)):
-                for key, value in cur:
-                    for fid in json.loads(value)["flows"]:
-                        claimed += put(flow_key(fid), key, overwrite=False, db=flows_db)
-                    last = key_seq(key)
-        txn.put(b"applied_seq", seq_key(last), db=self.dbs.index_meta)
-        # Parts of deliveries still receiving may sit below the watermark (intake.py): their
-        # claims are re-applied every time (idempotent, and there are few of them).
-        for seq, flows in self.receiving_txn(txn).items():
-            for fid in flows:
-                claimed += put(flow_key(fid), seq_key(seq), overwrite=False, db=flows_db)
-        return claimed
-
-    def recover_index(self) -> dict[str, Any]:
-        """At server start: trust, catch up or rebuild the index (see store.py), then mark it
-        open. A kill -9 is caught up; a reboot with the index open and unflushed is rebuilt."""
-        boot = _boot_id()
-
-        def recover(txn: Txn) -> dict[str, Any]:
-            meta = self.dbs.index_meta
-            clean = txn.get(b"clean", db=meta) == b"1"
-            last_boot = txn.get(b"boot_id", db=meta)
-            empty = (
-                txn.stat(self.dbs.flows)["entries"] == 0
-                and txn.get(b"applied_seq", db=meta) is None
-            )
-            trusted = empty or clean or (last_boot is not None and last_boot.decode() == boot)
-            if not trusted:
-                txn.drop(self.dbs.flows, delete=False)
-                txn.put(b"applied_seq", seq_key(0), db=meta)
-            claimed = self._replay_txn(txn)
-            finished = self.finish_receiving_txn(txn)
-            txn.put(b"clean", b"0", db=meta)
-            txn.put(b"boot_id", boot.encode(), db=meta)
-            out = {"rebuilt": not trusted, "replayed_flow_ids": claimed}
-            if finished:
-                out["finished_receiving"] = finished
-            return out
-
-        return self.store.write(recover)
-
-    def mark_index_clean(self) -> None:
-        """At a clean stop, after the last write: the index may be trusted after a reboot."""
-        self.store.write(lambda txn: txn.put(b"clean", b"1", db=self.dbs.index_meta))
-
 
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def probe_txn(store: Store) -> Any:

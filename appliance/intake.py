@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A delivery with 400,000 flow ids used to be claimed in one write transaction, and every other
 delivery waited the second that took. `Acceptance` is a multi-step operation of the group
-commit (store.py): each commit runs one step of it, at most `SLICE` flow ids, beside whatever
+commit (committer.py): each commit runs one step of it, at most `SLICE` flow ids, beside whatever
 else is queued, so small deliveries keep being answered while a big one is claimed.
 
 Each step is exact for the same reason a single transaction was: one writer runs the steps in
@@ -25,7 +25,7 @@ What a crash or a failed commit leaves is always importable, never lost:
   the step is durable. The sender is answered the failure (503) at once. If parts were already
   committed, the operation stays with the writer and finishes with the ids claimed so far (they
   are owned by this delivery now; CoinTracker's retry claims the rest as a new delivery).
-* After a crash, `Inbox.recover_index` replays the parts into the index (claims of the last
+* After a crash, `flowindex.recover` replays the parts into the index (claims of the last
   commit may not have reached the unsynced index) and finishes every `receiving` record from
   its parts, before the server accepts anything.
 * The index's applied-seq watermark stays sound: a finish step claims nothing, and any other
@@ -57,7 +57,7 @@ class Step:
 
 
 class Acceptance:
-    """One delivery being accepted; a `store.Steps` operation of the group commit."""
+    """One delivery being accepted; a `committer.Steps` operation of the group commit."""
 
     def __init__(self, inbox: Inbox, item: Incoming, slice_ids: int = SLICE) -> None:
         self.inbox = inbox

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .auth import Verifier
+from .committer import GroupCommitter
 from .config import Config
 from .inbox import Inbox
 from .limits import BodyBudget, RateLimit
 from .metrics import Metrics
-from .store import GroupCommitter, Store
+from .store import Store
 
 if TYPE_CHECKING:
     from .connections import ConnectionGate

@@ -32,8 +32,9 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import admin, connections, http, logs, sdnotify
+from . import admin, connections, flowindex, http, logs, sdnotify
 from .auth import Verifier, make_verifier
+from .committer import GroupCommitter
 from .config import Config, Loaded
 from .config import load as load_config
 from .dispatcher import Dispatcher
@@ -42,7 +43,7 @@ from .inbox import Inbox, probe_txn
 from .metrics import Metrics
 from .reload import restart_needed, summarize_changes
 from .runtime import Live, Runtime
-from .store import GroupCommitter, Store
+from .store import Store
 from .version import VERSION
 
 log = logging.getLogger("ct_appliance.server")
@@ -132,7 +133,7 @@ async def run(loaded: Loaded) -> None:
             log.warning("flow index recovered from the inbox", extra=logs.fields(**recovered))
         await _run(loaded, store, inbox)
         try:
-            inbox.mark_index_clean()
+            flowindex.mark_clean(inbox)
         except StoreError as e:  # not fatal: the index is then checked again at the next start
             log.warning("could not mark the flow index clean", extra=logs.fields(error=str(e)))
     finally:
@@ -147,7 +148,7 @@ async def _recover_index(inbox: Inbox) -> dict[str, Any]:
     tries = 0
     while True:
         try:
-            return await trio.to_thread.run_sync(inbox.recover_index)
+            return await trio.to_thread.run_sync(flowindex.recover, inbox)
         except StoreFull as e:
             if tries % 30 == 0:
                 log.error("cannot prepare the store; retrying", extra=logs.fields(error=str(e)))

@@ -6,12 +6,10 @@ Theory of operation
   commit returns only after its pages and its meta page are fsync'd. A caller learns the outcome
   of its write only after that commit returned, so the HTTP layer can never answer 2xx for a
   delivery that is not on disk (spec §5.1).
-* Group commit. Inside the server every write goes through `GroupCommitter`: a request appends
-  its operation to a queue and sleeps; one writer task takes everything queued, runs all the
-  operations in ONE write transaction on a worker thread (`trio.to_thread.run_sync`, so the
-  transaction never crosses an `await` and stays on the thread that opened it), commits once,
-  then wakes every waiter with its own result. Requests arriving during a commit form the next
-  batch; nobody waits on a commit it does not need beyond the one in flight.
+* Group commit. Inside the server every write goes through `GroupCommitter` (committer.py):
+  whatever is queued runs in ONE write transaction on a worker thread (`write_batch`, called
+  through `trio.to_thread.run_sync`, so the transaction never crosses an `await` and stays on
+  the thread that opened it) and is committed once.
 * Isolation of failures. An operation that raises (a bug, never a normal outcome) aborts the
   batch; the batch is then replayed one operation per transaction so only the faulty one fails.
 * Map growth. `MapFullError` aborts the transaction, the map is doubled (in-process transactions
@@ -25,7 +23,7 @@ Theory of operation
   fsync. One operation sees both through one `Txn` that routes each call to the environment
   owning its database, and the writer commits the inbox FIRST (durable) and the index second.
   The index is derived state (spec §5.4): it records the last inbox seq it has applied, and
-  `Inbox.recover_index` replays newer records after a crash between the two commits. A kill -9
+  `flowindex.recover` replays newer records after a crash between the two commits. A kill -9
   loses nothing of the index (its pages are in the page cache); a machine that rebooted while
   the index was open and not flushed cannot trust it, so it is rebuilt from the inbox. The win:
   a commit no longer waits on the random B-tree pages that new flow ids dirty (STACK.md: ~4x).
@@ -43,10 +41,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import lmdb
-import trio
 
 from .errors import StoreError, StoreFull
 
@@ -174,6 +171,14 @@ class Txn2:
 Txn = Txn2
 
 
+def _delete_index_files(index_path: Path) -> None:
+    for name in ("data.mdb", "lock.mdb"):
+        try:
+            (index_path / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def _is_enospc(e: BaseException) -> bool:
     text = str(e)
     return (
@@ -189,6 +194,7 @@ class Store:
         self.path = Path(path)
         self._initial_map = max(initial_map_bytes, 1 << 20)
         self._gate = _Gate()
+        self.index_reset: str | None = None  # why the index was made anew, if it was
         self.available = True
         self.last_error: str | None = None
         try:
@@ -200,11 +206,7 @@ class Store:
     def _open(self) -> None:
         data = self.path / "data.mdb"
         size = max(self._initial_map, data.stat().st_size if data.exists() else 0)
-        index_path = self.path / "index"
-        index_data = index_path / "data.mdb"
-        index_size = max(self._initial_map, index_data.stat().st_size if index_data.exists() else 0)
         try:
-            index_path.mkdir(mode=0o700, exist_ok=True)
             self.env = lmdb.open(
                 str(self.path),
                 map_size=size,
@@ -213,24 +215,60 @@ class Store:
                 readahead=False,
                 mode=0o600,
             )
-            # Derived state: no fsync (see "Two environments" above).
-            self.index_env = lmdb.open(
-                str(index_path),
-                map_size=index_size,
-                max_dbs=len(INDEX_DB_NAMES) + 2,
-                max_readers=512,
-                readahead=False,
-                mode=0o600,
-                sync=False,
-                metasync=False,
-            )
             inbox_dbs = [self.env.open_db(n.encode()) for n in DB_NAMES]
-            index_dbs = [self.index_env.open_db(n.encode()) for n in INDEX_DB_NAMES]
         except (lmdb.Error, OSError) as e:
             raise StoreError(f"cannot open the store at {self.path}: {e}") from None
-        self.dbs = DBs(*inbox_dbs, *index_dbs)
-        self._index_ids = frozenset(id(db) for db in index_dbs)
+        self._open_index()
+        self.dbs = DBs(*inbox_dbs, *self._index_dbs)
         self.envs = (self.env, self.index_env)
+
+    def _open_index(self) -> None:
+        """The index environment. It is derived state: one that cannot be opened (garbage
+        left by a power loss in a file written without fsync) is deleted and made anew, and
+        `index_reset` says why, so the index is rebuilt from the inbox."""
+        index_path = self.path / "index"
+        try:
+            index_path.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create {index_path}: {e.strerror}") from None
+        for attempt in (1, 2):
+            data = index_path / "data.mdb"
+            size = max(self._initial_map, data.stat().st_size if data.exists() else 0)
+            try:
+                # Derived state: no fsync (see "Two environments" above).
+                self.index_env = lmdb.open(
+                    str(index_path),
+                    map_size=size,
+                    max_dbs=len(INDEX_DB_NAMES) + 2,
+                    max_readers=512,
+                    readahead=False,
+                    mode=0o600,
+                    sync=False,
+                    metasync=False,
+                )
+                self._index_dbs = [self.index_env.open_db(n.encode()) for n in INDEX_DB_NAMES]
+                break
+            except lmdb.Error as e:
+                if attempt == 2:
+                    raise StoreError(f"cannot open the flow index at {index_path}: {e}") from None
+                log.error(
+                    "the flow index cannot be opened; it is deleted and rebuilt from the inbox",
+                    extra={"fields": {"path": str(index_path), "error": str(e)}},
+                )
+                self.index_reset = f"could not be opened: {e}"
+                _delete_index_files(index_path)
+        self._index_ids = frozenset(id(db) for db in self._index_dbs)
+
+    def reset_index(self, why: str) -> None:
+        """Delete the index files and start an empty index: never `drop()` a tree that may be
+        corrupt (dropping walks every page of it). No transaction may be open."""
+        with self._gate.exclusive():
+            self.index_env.close()
+            _delete_index_files(self.path / "index")
+            self._open_index()
+            self.dbs.flows, self.dbs.index_meta = self._index_dbs
+            self.envs = (self.env, self.index_env)
+        self.index_reset = why
 
     def _txn(self, write: bool) -> Txn2:
         return Txn2(self.env.begin(write=write), self.index_env, self._index_ids, write)
@@ -344,11 +382,15 @@ class Store:
 
     def _reopen(self) -> None:
         with self._gate.exclusive():
+            dbs = self.dbs
             try:
                 for env in self.envs:
                     env.close()
             finally:
                 self._open()
+                # Readers hold `store.dbs` (the Inbox does): refresh it in place.
+                dbs.__dict__.update(vars(self.dbs))
+                self.dbs = dbs
 
     def _mark_unavailable(self, why: str) -> None:
         if self.available:
@@ -376,133 +418,3 @@ class _OperationFailed(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-class _Pending(Generic[T]):
-    __slots__ = ("fn", "done", "result")
-
-    def __init__(self, fn: Callable[[Txn], T]) -> None:
-        self.fn = fn
-        self.done = trio.Event()
-        self.result: Any = None
-
-
-class Steps(Protocol):
-    """An operation spread over several group commits, one `step` per commit (intake.py)."""
-
-    result: Any
-
-    def step(self, txn: Txn) -> Any:
-        """Do one step in `txn`; must not change the operation (the commit may fail or be
-        retried): what it did is handed to `committed` once the commit is durable."""
-
-    def committed(self, step: Any) -> bool:
-        """The step is durable; True when the operation is over (its waiter gets `result`)."""
-
-    def failed(self, error: BaseException) -> bool:
-        """The step was not committed (its waiter gets `error` now); True to keep stepping,
-        to finish what earlier steps made durable."""
-
-
-class _Active:
-    __slots__ = ("op", "done", "error", "not_before")
-
-    def __init__(self, op: Steps) -> None:
-        self.op = op
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-        self.not_before = 0.0
-
-
-# After a failed step (disk full, say), the operation's next step waits this long.
-STEP_RETRY_SECONDS = 1.0
-
-
-class GroupCommitter:
-    """The server's single writer: batches whatever is queued into one durable commit, plus
-    one step of every multi-step operation in progress."""
-
-    def __init__(self, store: Store, *, max_batch: int = MAX_BATCH) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self._queue: list[_Pending[Any]] = []
-        self._active: list[_Active] = []
-        self._wakeup = trio.Event()
-        self._closed = False
-        self.commits = 0
-        self.operations = 0
-
-    async def submit(self, fn: Callable[[Txn], T]) -> T:
-        """Queue `fn`, wait for the commit that contains it, return its result or raise."""
-        if self._closed:
-            raise StoreError("the store is closing")
-        item: _Pending[T] = _Pending(fn)
-        self._queue.append(item)
-        self._wakeup.set()
-        await item.done.wait()
-        if isinstance(item.result, BaseException):
-            raise item.result
-        return item.result  # type: ignore[no-any-return]
-
-    async def submit_steps(self, op: Steps) -> Any:
-        """Run `op` one step per commit until it is over; its result, or the first failure.
-        The writer owns the operation: a cancelled waiter does not stop it halfway."""
-        if self._closed:
-            raise StoreError("the store is closing")
-        active = _Active(op)
-        self._active.append(active)
-        self._wakeup.set()
-        await active.done.wait()
-        if active.error is not None:
-            raise active.error
-        return op.result
-
-    def _due(self) -> tuple[list[_Active], float | None]:
-        now = trio.current_time()
-        due = [a for a in self._active if a.not_before <= now][: self.max_batch]
-        later = [a.not_before for a in self._active if a.not_before > now]
-        return due, (min(later) if later else None)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            steps, wake_at = self._due()
-            if not self._queue and not steps:
-                if self._closed and not self._active:
-                    return
-                with trio.move_on_at(wake_at if wake_at is not None else float("inf")):
-                    await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                continue
-            batch = self._queue[: self.max_batch - len(steps)]
-            del self._queue[: len(batch)]
-            fns = [a.op.step for a in steps] + [p.fn for p in batch]
-            # Not cancellable: a commit in flight finishes and its waiters are told.
-            with trio.CancelScope(shield=True):
-                results = await trio.to_thread.run_sync(self.store.write_batch, fns)
-            self.commits += 1
-            self.operations += len(fns)
-            for active, r in zip(steps, results[: len(steps)], strict=True):
-                self._stepped(active, r)
-            for p, r in zip(batch, results[len(steps) :], strict=True):
-                p.result = r
-                p.done.set()
-
-    def _stepped(self, active: _Active, result: Any) -> None:
-        if isinstance(result, BaseException):
-            if not active.done.is_set():
-                active.error = result
-                active.done.set()
-            # A closing writer leaves what it cannot finish to the recovery at the next start.
-            if active.op.failed(result) and not self._closed:
-                active.not_before = trio.current_time() + STEP_RETRY_SECONDS
-                return
-        elif not active.op.committed(result):
-            return
-        self._active.remove(active)
-        active.done.set()
-
-    def close(self) -> None:
-        """Finish what is queued and the operations in progress, then let `run` return."""
-        self._closed = True
-        self._wakeup.set()

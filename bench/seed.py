@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from appliance import config  # noqa: E402
+from appliance import config, flowindex  # noqa: E402
 from appliance.inbox import Inbox, flow_key, new_record, seq_key  # noqa: E402
 from appliance.store import Store  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> int:
     ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(args.flows)]
     store = Store(cfg.store.path, initial_map_bytes=max(1 << 30, args.flows * 400))
     inbox = Inbox(store)
-    inbox.recover_index()
+    flowindex.recover(inbox)
     deliveries = (len(ids) + PER_DELIVERY - 1) // PER_DELIVERY
     now = time.time()
 
@@ -84,7 +84,7 @@ def main() -> int:
         txn.index.put(b"applied_seq", seq_key(deliveries), db=store.dbs.index_meta)  # type: ignore[attr-defined]
 
     store.write(load_index)
-    inbox.mark_index_clean()
+    flowindex.mark_clean(inbox)
     store.close()
     print(
         json.dumps(

@@ -10,11 +10,13 @@ from typing import Any
 
 import trio
 
+from appliance import flowindex
+from appliance.committer import GroupCommitter
 from appliance.errors import StoreFull
 from appliance.inbox import Inbox, Incoming, flow_key, key_seq
 from appliance.intake import Acceptance, accept_txn
 from appliance.payload import Delivery
-from appliance.store import GroupCommitter, Store
+from appliance.store import Store
 
 
 def incoming(flows: list[str], run: str = "r") -> Incoming:
@@ -122,7 +124,7 @@ def test_nothing_committed_means_nothing_left_behind(tmp_path: Path) -> None:
 def test_recovery_finishes_a_delivery_cut_by_a_crash_and_rebuild_agrees(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
-    inbox.recover_index()
+    flowindex.recover(inbox)
     ids = [f"f{i}" for i in range(10)]
     op = Acceptance(inbox, incoming(ids), slice_ids=3)
     for _ in range(2):
@@ -133,13 +135,13 @@ def test_recovery_finishes_a_delivery_cut_by_a_crash_and_rebuild_agrees(tmp_path
 
     store = Store(tmp_path)
     inbox = Inbox(store)
-    out = inbox.recover_index()
+    out = flowindex.recover(inbox)
     assert out["finished_receiving"] == 1
     recs = {r["seq"]: r for r in inbox.records()}
     assert recs[op.seq]["state"] == "pending" and recs[op.seq]["flows"] == ids[:6]  # type: ignore[index]
     assert recs[later.seq]["flows"] == ["f8", "x"]  # type: ignore[index]
     before = owners(store, inbox, [*ids, "x"])
-    store.write(inbox.rebuild_index_txn)
+    flowindex.rebuild(inbox)
     assert owners(store, inbox, [*ids, "x"]) == before
     assert before["f9"] is None and before["f8"] == later.seq
 

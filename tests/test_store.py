@@ -8,11 +8,13 @@ from pathlib import Path
 
 import trio
 
-from appliance.inbox import Inbox, Incoming, flow_key
+from appliance import flowindex
+from appliance.committer import GroupCommitter
+from appliance.inbox import Inbox, Incoming, flow_key, seq_key
 from appliance.intake import accept_txn
 from appliance.lifecycle import Transitions
 from appliance.payload import Delivery
-from appliance.store import GroupCommitter, Store
+from appliance.store import Store
 
 
 def incoming(flows: list[str], run: str = "r", body: bytes = b"{}") -> Incoming:
@@ -158,7 +160,7 @@ def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(tmp_path: Path) -> 
     assert store.write(lambda t: tr.prune_txn(t, cutoff=1e12)) == 1
     assert store.read(lambda t: inbox.body_txn(t, seq)) is None
     before = inbox.flows(["a", "b", "c"])
-    assert store.write(inbox.rebuild_index_txn) == 2
+    assert flowindex.rebuild(inbox) == 2
     assert inbox.flows(["a", "b", "c"]) == before
 
 
@@ -182,7 +184,7 @@ def test_crash_recovery_returns_importing_to_pending_as_rerun(tmp_path: Path) ->
 def test_index_catches_up_after_a_crash_between_the_two_commits(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
-    inbox.recover_index()
+    flowindex.recover(inbox)
     store.write(lambda t: accept_txn(inbox, t, incoming(["a", "b"])))
     second = store.write(lambda t: accept_txn(inbox, t, incoming(["c"])))
     assert second.seq == 2
@@ -199,17 +201,66 @@ def test_index_catches_up_after_a_crash_between_the_two_commits(tmp_path: Path) 
     store.close()
     store = Store(tmp_path)
     inbox = Inbox(store)
-    assert inbox.recover_index() == {"rebuilt": False, "replayed_flow_ids": 1}
+    assert flowindex.recover(inbox) == {"rebuilt": False, "replayed_flow_ids": 1}
     assert inbox.flows(["c"])[0]["delivery_id"] == inbox.delivery_id_of(2)
 
 
 def test_index_left_open_across_a_reboot_is_rebuilt(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
-    inbox.recover_index()
+    flowindex.recover(inbox)
     store.write(lambda t: accept_txn(inbox, t, incoming(["a", "b"])))
     store.write(lambda t: t.put(b"boot_id", b"another-boot", db=store.dbs.index_meta))
-    assert inbox.recover_index() == {"rebuilt": True, "replayed_flow_ids": 2}
-    inbox.mark_index_clean()
+    out = flowindex.recover(inbox)
+    assert (out["rebuilt"], out["replayed_flow_ids"]) == (True, 2)
+    assert out["reason"] == "the machine restarted while the index was open and not flushed"
+    flowindex.mark_clean(inbox)
     store.write(lambda t: t.put(b"boot_id", b"another-boot", db=store.dbs.index_meta))
-    assert inbox.recover_index() == {"rebuilt": False, "replayed_flow_ids": 0}  # clean: trusted
+    assert flowindex.recover(inbox) == {"rebuilt": False, "replayed_flow_ids": 0}  # clean: trusted
+
+
+def _indexed(tmp_path: Path) -> tuple[Store, Inbox]:
+    store = Store(tmp_path)
+    inbox = Inbox(store)
+    flowindex.recover(inbox)
+    for i in range(300):
+        store.write(lambda t, i=i: accept_txn(inbox, t, incoming([f"a{i}", f"b{i}"])))
+    flowindex.mark_clean(inbox)
+    return store, inbox
+
+
+def test_an_index_that_cannot_be_opened_is_deleted_and_rebuilt(tmp_path: Path) -> None:
+    store, _ = _indexed(tmp_path)
+    store.close()
+    data = tmp_path / "index" / "data.mdb"
+    data.write_bytes(random.Random(1).randbytes(data.stat().st_size))  # meta pages included
+    store = Store(tmp_path)
+    inbox = Inbox(store)
+    out = flowindex.recover(inbox)
+    assert out["rebuilt"] and out["replayed_flow_ids"] == 600
+    assert out["reason"].startswith("could not be opened")
+    assert inbox.flows(["a7"])[0]["delivery_id"] == inbox.delivery_id_of(8)
+
+
+def test_an_index_of_another_store_or_ahead_of_the_inbox_is_rebuilt(tmp_path: Path) -> None:
+    store, inbox = _indexed(tmp_path)
+    store.write(lambda t: t.put(b"instance", b"0badcafe", db=store.dbs.index_meta))
+    assert flowindex.recover(inbox)["reason"] == "the index belongs to another store"
+    flowindex.mark_clean(inbox)
+    store.write(lambda t: t.put(b"applied_seq", seq_key(10_000), db=store.dbs.index_meta))
+    out = flowindex.recover(inbox)
+    assert "past the inbox's last seq 300" in out["reason"]
+    assert out["replayed_flow_ids"] == 600
+
+
+def test_rebuild_index_never_reads_the_old_tree(tmp_path: Path) -> None:
+    store, inbox = _indexed(tmp_path)
+    store.close()
+    data = tmp_path / "index" / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    raw[2 * 4096 :] = random.Random(2).randbytes(len(raw) - 2 * 4096)  # every page but the metas
+    data.write_bytes(bytes(raw))
+    store = Store(tmp_path)
+    inbox = Inbox(store)
+    assert flowindex.rebuild(inbox) == 600
+    assert inbox.flows(["b299"])[0]["delivery_id"] == inbox.delivery_id_of(300)
