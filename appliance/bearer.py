@@ -27,7 +27,7 @@ from jwt import PyJWK
 from jwt.utils import base64url_decode
 
 from .auth import AuthFailure
-from .config import BearerConfig
+from .config import BearerConfig, mask_url
 from .errors import KeyLoadError
 from .logs import fields
 
@@ -80,7 +80,9 @@ class BearerVerifier:
             "issuer": c.issuer,
             "audience": c.audience,
             "algorithms": list(c.algorithms),
-            "key_source": source if source == "secret" else f"{source} {getattr(c, source)}",
+            "key_source": source
+            if source == "secret"
+            else mask_url(f"{source} {getattr(c, source)}"),
             "subject": c.subject,
             "keys_loaded": len(self._keys),
         }
@@ -105,7 +107,7 @@ class BearerVerifier:
         else:
             await self._fetch(force=True)
             if not self._keys:
-                raise KeyLoadError(f"no key set could be fetched from {c.jwks_url}")
+                raise KeyLoadError(f"no key set could be fetched from {mask_url(c.jwks_url or '')}")
         self._loaded_at = time.time()
 
     @staticmethod
@@ -163,14 +165,18 @@ class BearerVerifier:
             except (httpx.HTTPError, KeyLoadError) as e:
                 log.warning(
                     "JWKS fetch failed; keeping the last good key set",
-                    extra=fields(url=url, error=str(e), keys_kept=len(self._keys)),
+                    extra=fields(
+                        url=mask_url(url), error=mask_url(str(e)), keys_kept=len(self._keys)
+                    ),
                 )
                 return False
             changed = set(keys) != set(self._keys)
             self._keys = keys
             self._loaded_at = time.time()
             if changed:
-                log.info("JWKS loaded", extra=fields(url=url, kids=sorted(map(str, keys))))
+                log.info(
+                    "JWKS loaded", extra=fields(url=mask_url(url), kids=sorted(map(str, keys)))
+                )
             return True
 
     def _get(self, url: str) -> str:

@@ -35,7 +35,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from . import admin, connections, flowindex, http, logs, sdnotify
 from .auth import Verifier, make_verifier
 from .committer import GroupCommitter
-from .config import Config, Loaded
+from .config import Config, Loaded, mask_url
 from .config import load as load_config
 from .dispatcher import Dispatcher
 from .errors import ApplianceError, ConfigError, KeyLoadError, StoreError, StoreFull
@@ -302,7 +302,7 @@ async def reload(rt: Runtime, tls: TLSHolder | None) -> bool:
         try:
             await verifier.prepare()
         except ApplianceError as e:
-            raise _Refused([f"auth: {e}"]) from None
+            raise _Refused([mask_url(f"auth: {e}")]) from None
         if tls is not None and new.listen.tls is not None:
             try:
                 tls.reload(new.listen.tls.cert_file, new.listen.tls.key_file)

@@ -237,3 +237,22 @@ segments = st.lists(segment, max_size=6).map(".".join) | st.tuples(
 def test_any_string_of_segments_is_an_auth_failure(tmp_path: Path, token: str) -> None:
     reason = outcome(tmp_path, "Bearer " + token)
     assert reason is not None and len(reason) <= MAX_REASON
+
+
+def test_a_password_in_the_jwks_url_is_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+    """describe() (check-config, /status) and the key-load error (logs, a refused reload) show
+    the JWKS URL with its password masked."""
+    from appliance.errors import KeyLoadError
+
+    cfg = BearerConfig(
+        issuer=ISSUER, audience=AUDIENCE, jwks_url="https://ops:hunter2-secret@127.0.0.1:9/jwks"
+    )
+    verifier = BearerVerifier(cfg)
+    assert "hunter2" not in json.dumps(verifier.describe())
+    assert "ops:***@127.0.0.1" in str(verifier.describe()["key_source"])
+    with pytest.raises(KeyLoadError) as e:
+        trio.run(verifier.prepare)  # nothing listens on port 9: the fetch fails
+    assert "hunter2" not in str(e.value) and "ops:***@" in str(e.value)
+    assert caplog.records and all(
+        "hunter2" not in r.getMessage() + str(vars(r)) for r in caplog.records
+    )
