@@ -97,9 +97,13 @@ def host_of(value: str) -> str | None:
 
 
 def host_allowed(value: str | None, admin: AdminConfig) -> bool:
-    host = host_of(value or "")
+    if value is None or not value.strip():
+        # Every browser sends a Host, so DNS rebinding cannot make a request without one;
+        # health checkers do (HAProxy's default HTTP/1.0 check): answer them.
+        return True
+    host = host_of(value)
     if host is None:
-        return False  # no Host at all is not one of the names this listener answers for
+        return False
     if is_loopback(host) or host == split_bind(admin.bind)[0].lower():
         return True
     return host in {host_of(h) for h in admin.allowed_hosts}

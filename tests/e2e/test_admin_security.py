@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,14 @@ def test_a_dns_rebinding_host_gets_421_and_known_hosts_are_answered(make_applian
         r = get(app, "/status", Host=host)
         assert r.status_code == 200, (host, r.status_code)
         assert "launch_window" in r.json()
+    # No browser omits Host, so rebinding cannot send this; a load balancer's HTTP/1.0
+    # health check (HAProxy's default) does, and is answered.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := s.recv(4096)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") or answer.startswith(b"HTTP/1.0 200"), answer[:100]
 
 
 def test_the_admin_token_guards_all_but_health_and_readiness(make_appliance: Any) -> None:
