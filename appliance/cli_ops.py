@@ -48,7 +48,7 @@ def admin_get(cfg: config_mod.Config, path: str, timeout: float = 2.0) -> dict[s
         host = "127.0.0.1"
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}{path}"
     headers = {}
-    if cfg.admin.token is not None:  # printable ASCII: config.py checks it
+    if cfg.admin.token is not None:  # printable ASCII: configrules.py checks it
         headers["Authorization"] = "Bearer " + cfg.admin.token.value.decode("ascii", "replace")
     try:
         response = httpx.get(url, timeout=timeout, headers=headers)

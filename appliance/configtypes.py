@@ -53,7 +53,9 @@ class ListenConfig:
     behind_proxy: bool = False
     graceful_timeout_seconds: float = 10.0
     keep_alive_timeout_seconds: float = 75.0
-    max_connections: int = 4096
+    # Each connection may hold ~320 KiB in Hypercorn before the body budget sees it: 1,024 of
+    # them beside the 256 MiB body budget stay under the unit's MemoryMax=1G (docs/SECURITY.md).
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ ones real deliveries are (a few KB to a few MB); a flood of small bodies is boun
 connection cap long before it reaches the line. A body refused is answered 503 with
 `Retry-After` (CoinTracker retries 5xx) before its bytes are read. A sender that announces a
 large body and then trickles it holds its reservation for at most `webhook.body_timeout_seconds`.
-`total >= 2 * max_body_bytes` (checked by config.py) lets a body of the maximum size through on
+`total >= 2 * max_body_bytes` (checked by configrules.py) lets a body of the maximum size through on
 an otherwise idle server.
 
 `RateLimit` is a token bucket for log lines that an unauthenticated request causes.

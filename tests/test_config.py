@@ -194,7 +194,7 @@ def test_operator_commands_need_no_credentials_directory(monkeypatch) -> None:  
 def test_body_budget_and_connection_cap_have_defaults_and_floors() -> None:
     cfg = config.loads(BASE).config
     assert cfg.webhook.max_inflight_body_bytes == 268_435_456
-    assert cfg.listen.max_connections == 4096
+    assert cfg.listen.max_connections == 1024
     found = problems(
         BASE + "webhook:\n  max_body_bytes: 1048576\n  max_inflight_body_bytes: 2097151\n"
         "listen:\n  max_connections: 15\n"

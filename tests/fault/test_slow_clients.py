@@ -138,7 +138,12 @@ async def test_good_deliveries_are_served_through_idle_and_slowloris_clients(
     clock = Stopwatch()
     raise_nofile(IDLE * 2 + 500)
     app: Appliance = make_appliance(
-        {"webhook": {"body_timeout_seconds": BODY_TIMEOUT}, "importer": {"command": ["/bin/true"]}}
+        {
+            "webhook": {"body_timeout_seconds": BODY_TIMEOUT},
+            "importer": {"command": ["/bin/true"]},
+            # Room for all 1,030 attackers: the cap and its evictions are test_flood.py's.
+            "listen": {"max_connections": 2048},
+        }
     )
     await trio.to_thread.run_sync(app.start)
     assert app.proc is not None
