@@ -317,8 +317,9 @@ def test_sighup_switches_hmac_to_bearer_without_refusing_a_connection(
     assert app.proc.poll() is None
 
 
-def make_cert(tmp: Path, name: str) -> tuple[Path, Path, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
+def make_cert(tmp: Path, name: str, key: Any = None) -> tuple[Path, Path, bytes]:
+    """A self-signed certificate for 127.0.0.1 (an EC P-256 key unless one is given)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
         x509.CertificateBuilder()

@@ -5,8 +5,6 @@ Handshakes use Python's `ssl` (OpenSSL) as a client that offers exactly one suit
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import ssl
 import warnings
@@ -19,45 +17,16 @@ import h2.events
 import h2.settings
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from ..conftest import Appliance, delivery, sign
-
-
-def rsa_cert(tmp: Path) -> tuple[Path, Path]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.datetime(2020, 1, 1))
-        .not_valid_after(datetime.datetime(2040, 1, 1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "tls.crt", tmp / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+from .test_bearer import make_cert
 
 
 @pytest.fixture
 def tls_app(make_appliance: Any, tmp_path: Path) -> Appliance:
-    cert, key = rsa_cert(tmp_path)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert, key, _ = make_cert(tmp_path, "tls", key=rsa_key)
     app: Appliance = make_appliance(
         {"listen": {"tls": {"cert_file": str(cert), "key_file": str(key)}}}
     )
