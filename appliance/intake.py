@@ -93,13 +93,13 @@ class Acceptance:
             if pos < end:
                 seq = ib.next_seq_txn(txn)
         if seq is not None:
-            skey = seq_key(seq)
-            for flow_id in ids[pos:end]:
+            skey, claim, seen = seq_key(seq), step.new.append, step.owners
+            for flow_id in ids[pos:end] if pos or end < len(ids) else ids:
                 key = flow_key(flow_id)
                 if put(key, skey, overwrite=False, db=flows):
-                    step.new.append(flow_id)
+                    claim(flow_id)
                 elif want:
-                    step.owners.add(key_seq(get(key, db=flows)))
+                    seen.add(key_seq(get(key, db=flows)))
             pos = end
         step.pos, step.seq = pos, seq
         last = pos == len(ids)
