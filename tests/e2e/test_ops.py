@@ -260,9 +260,15 @@ def test_watch_once_and_status_through_a_full_disk(make_appliance: Any, tmp_path
             app.post(delivery([f"full-{i}"], body_pad="x" * 50_000)).status_code for i in range(20)
         ]
         assert 503 in codes and set(codes) <= {200, 503}, codes
-        r = app.post(delivery(["full-x"]))
-        assert r.status_code == 503 and r.headers["retry-after"]
-        assert httpx.get(app.admin + "/readyz").status_code == 503
+        # Right after a refusal /readyz says 503, unless the once-a-second probe's tiny write
+        # (which fits in pages LMDB can reuse) got in between (docs/RELIABILITY.md, limits):
+        # of five refusals, at least one is followed by a 503 from /readyz.
+        ready = []
+        for i in range(5):
+            r = app.post(delivery([f"full-x{i}"], body_pad="x" * 50_000))
+            assert r.status_code == 503 and r.headers["retry-after"]
+            ready.append(httpx.get(app.admin + "/readyz").status_code)
+        assert 503 in ready, ready
         watch = app.cli("watch", "--once", check=False)
         assert watch.returncode == 1, watch.stdout
         assert "alert CoinTracker now" in watch.stdout or "investigate" in watch.stdout
