@@ -3,7 +3,8 @@
 HMAC mode: the header (default ``X-Cointracker-Signature``) carries the hex HMAC-SHA256 of the raw
 body bytes under the shared secret. Lower- or upper-case hex and an optional ``sha256=`` prefix
 are accepted; any configured secret may match (rotation); digests are compared in constant time.
-Bearer mode lives in `bearer.py`; both present the same `Verifier` face to the HTTP layer.
+Bearer mode lives in `bearer.py` (which builds on this module); both present the same
+`Verifier` face to the HTTP layer, and the server picks one per config.
 
 A failed check raises `AuthFailure` whose `reason` is for the log only: the sender gets a bare
 401 and never learns which check failed or what was expected.
@@ -18,7 +19,7 @@ from typing import Protocol
 
 import trio
 
-from .config import Config, HmacConfig
+from .config import HmacConfig
 
 
 class AuthFailure(Exception):
@@ -31,13 +32,11 @@ class AuthFailure(Exception):
 
 class Verifier(Protocol):
     mode: str
-    # False when the headers alone authenticate (bearer): `verify` then runs before the body
-    # is read, with an empty body, so an unauthenticated body is never even buffered.
-    needs_body: bool
 
-    def precheck(self, headers: Mapping[str, str]) -> None:
-        """Raise AuthFailure for what the headers alone show to be wrong (missing or malformed
-        credentials), before the body is read."""
+    async def verify_headers(self, headers: Mapping[str, str]) -> bool:
+        """Before the body is read: raise AuthFailure for what the headers alone refute. True
+        when they authenticate the request by themselves (bearer), so an unauthenticated body
+        is never even buffered; False when `verify` must still check the body (HMAC)."""
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Raise AuthFailure unless the delivery is authentic. Must not parse the body."""
@@ -56,16 +55,6 @@ class Verifier(Protocol):
 
     def describe(self) -> dict[str, object]:
         """What check-config and the status show: never a secret."""
-
-
-def make_verifier(cfg: Config) -> Verifier:
-    if cfg.auth.mode == "bearer":
-        from .bearer import BearerVerifier
-
-        assert cfg.auth.bearer is not None
-        return BearerVerifier(cfg.auth.bearer)
-    assert cfg.auth.hmac is not None
-    return HmacVerifier(cfg.auth.hmac)
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -93,7 +82,6 @@ THREAD_DIGEST_BYTES = 1 << 20
 
 class HmacVerifier:
     mode = "hmac"
-    needs_body = True
 
     def __init__(self, cfg: HmacConfig) -> None:
         self.header = cfg.header.lower()
@@ -120,8 +108,9 @@ class HmacVerifier:
         else:
             self.check(headers, body)
 
-    def precheck(self, headers: Mapping[str, str]) -> None:
-        self._given(headers)
+    async def verify_headers(self, headers: Mapping[str, str]) -> bool:
+        self._given(headers)  # present and a SHA-256 hex digest; the body decides the rest
+        return False
 
     def _given(self, headers: Mapping[str, str]) -> bytes:
         value = headers.get(self.header)

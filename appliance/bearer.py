@@ -60,7 +60,6 @@ def _family(alg: str) -> str:
 
 class BearerVerifier:
     mode = "bearer"
-    needs_body = False  # the token alone authenticates: verified before the body is read
 
     def __init__(self, cfg: BearerConfig) -> None:
         self.cfg = cfg
@@ -199,13 +198,14 @@ class BearerVerifier:
         self._stop.set()
 
     # -- tokens -----------------------------------------------------------------------------
-    def precheck(self, headers: Mapping[str, str]) -> None:
-        _bearer_token(headers)
+    async def verify_headers(self, headers: Mapping[str, str]) -> bool:
+        await self.verify(headers, b"")
+        return True  # the token alone authenticates: the body is read only after this
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> None:
-        """Raise AuthFailure unless the request carries a valid token. Runs before the body is
-        read (`needs_body` is False) and never looks at `body`. Whatever an anonymous sender puts
-        in the token ends here as an AuthFailure with a short reason, never as another error."""
+        """Raise AuthFailure unless the request carries a valid token; never looks at `body`.
+        Whatever an anonymous sender puts in the token ends here as an AuthFailure with a short
+        reason, never as another error."""
         token = _bearer_token(headers)
         alg, kid = _check_header(_unverified_header(token), self.cfg.algorithms)
         entry = self._key_for(kid)

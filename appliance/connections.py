@@ -51,20 +51,17 @@ REFUSAL = (
 class ConnectionGate:
     """Counts one listener's open connections and knows which are idle, oldest first."""
 
-    def __init__(self, limit: int, on_refused: Any = None) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
         self.refused = 0
         self.evicted = 0
         self._idle: dict[LimitedTCPServer, None] = {}  # insertion order: idle since
-        self._on_refused = on_refused
 
     def admit(self, conn: LimitedTCPServer) -> bool:
         if self.open >= self.limit:
             if not self._evict_one():
                 self.refused += 1
-                if self._on_refused is not None:
-                    self._on_refused()
                 return False
         self.open += 1
         self._idle[conn] = None  # a new connection holds no request yet

@@ -16,20 +16,18 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from .config import ImporterConfig
 from .errors import StoreError
-from .importer import Attempt, AttemptResult, enable_subreaper, make_attempt, retry_delay
+from .importer import Attempt, AttemptResult, CommandAttempt, enable_subreaper, retry_delay
 from .inbox import rfc3339
 from .lifecycle import Transitions
 from .logs import fields
 from .payload import THREAD_PARSE_BYTES, importer_document
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from .runtime import Runtime
 
 log = logging.getLogger("ct_appliance.importer")
 
@@ -56,6 +54,15 @@ class _Waiter:
             self.outcome = "importer failed; will retry"
         if self.outcome is not None:
             self.event.set()
+
+
+def make_attempt(cfg: ImporterConfig) -> Attempt:
+    """The attempt kind the config names: `importer.url` or `importer.command`."""
+    if cfg.url is not None:
+        from .httpattempt import HttpAttempt  # httpx is imported only when it is used
+
+        return HttpAttempt(cfg)
+    return CommandAttempt(cfg)
 
 
 class Dispatcher:

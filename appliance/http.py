@@ -46,7 +46,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
-
 _DUPLICATE = b'{"status":"duplicate"}'
 
 
@@ -155,9 +154,7 @@ class WebhookEndpoint:
         verifier = live.verifier
         with rt.budget.hold() as hold:
             try:
-                verifier.precheck(headers)
-                if not verifier.needs_body:
-                    await verifier.verify(headers, b"")
+                authenticated = await verifier.verify_headers(headers)
                 # A declared length is reserved whole before reading, so a body admitted is a
                 # body that can finish; a chunked body reserves as it arrives.
                 if length is not None and not hold.grow(length):
@@ -165,7 +162,7 @@ class WebhookEndpoint:
                 seconds = cfg.webhook.body_timeout_seconds
                 body = await _read_body(receive, limit, seconds, hold, reserved=length is not None)
                 ex.body_read = True
-                if verifier.needs_body:
+                if not authenticated:
                     await verifier.verify(headers, body)
             except AuthFailure as e:
                 rt.metrics.signature_failures.labels(verifier.mode).inc()
@@ -221,12 +218,10 @@ class WebhookEndpoint:
             )
 
 
-async def _read_body(
-    receive: Receive, limit: int, seconds: float, hold: Hold, *, reserved: bool
-) -> bytes:
-    """The whole body. Hypercorn holds it to its Content-Length, so a reserved body never
-    outgrows its reservation; a chunked one grows its hold chunk by chunk."""
-    chunks: list[bytes] = []
+async def _receive_body(
+    receive: Receive, limit: int, seconds: float, take: Callable[[bytes], None]
+) -> None:
+    """Hand every chunk of the body to `take`, within the size limit and the body timeout."""
     size = 0
     with trio.move_on_after(seconds):
         while True:
@@ -237,28 +232,35 @@ async def _read_body(
             size += len(chunk)
             if size > limit:
                 raise errors.PayloadTooLarge(f"body larger than {limit} bytes")
-            if chunk and not reserved and not hold.grow(len(chunk)):
-                raise errors.Overloaded("too many bodies in flight; retry later")
-            chunks.append(chunk)
+            take(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return
     raise errors.BodyTimeout(f"body not complete within {seconds:g} s; retry")
+
+
+async def _read_body(
+    receive: Receive, limit: int, seconds: float, hold: Hold, *, reserved: bool
+) -> bytes:
+    """The whole body. Hypercorn holds it to its Content-Length, so a reserved body never
+    outgrows its reservation; a chunked one grows its hold chunk by chunk."""
+    chunks: list[bytes] = []
+
+    def take(chunk: bytes) -> None:
+        if chunk and not reserved and not hold.grow(len(chunk)):
+            raise errors.Overloaded("too many bodies in flight; retry later")
+        chunks.append(chunk)
+
+    await _receive_body(receive, limit, seconds, take)
+    return b"".join(chunks)
 
 
 async def _discard_body(receive: Receive, limit: int, seconds: float) -> bool:
     """Read what is left of a refused body and drop it; True when it ended in time."""
-    size = 0
-    with trio.move_on_after(seconds):
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return False
-            size += len(message.get("body", b""))
-            if size > limit:
-                return False
-            if not message.get("more_body", False):
-                return True
-    return False
+    try:
+        await _receive_body(receive, limit, seconds, lambda _chunk: None)
+    except (HTTPError, _Disconnected):
+        return False
+    return True
 
 
 def create_app(rt: Runtime) -> Quart:

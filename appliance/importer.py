@@ -271,11 +271,3 @@ async def _drain(stream: Any, tail: _Tail) -> None:
             tail.add(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-
-
-def make_attempt(cfg: ImporterConfig) -> Attempt:
-    if cfg.url is not None:
-        from .httpattempt import HttpAttempt
-
-        return HttpAttempt(cfg)
-    return CommandAttempt(cfg)

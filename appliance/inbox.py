@@ -190,9 +190,12 @@ class Inbox:
     def put_part_txn(self, txn: Txn, seq: int, part: int, flows: list[str]) -> None:
         txn.put(seq_key(seq) + struct.pack(">I", part), _dumps(flows), db=self.dbs.parts)
 
-    def drop_parts_txn(self, txn: Txn, seq: int, parts: int) -> None:
-        for part in range(parts):
-            txn.delete(seq_key(seq) + struct.pack(">I", part), db=self.dbs.parts)
+    def drop_parts_txn(self, txn: Txn, seq: int) -> None:
+        prefix = seq_key(seq)
+        with txn.cursor(db=self.dbs.parts) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key().startswith(prefix):
+                ok = cur.delete()
 
     def store_record_txn(
         self,
@@ -266,10 +269,7 @@ class Inbox:
         (its sender was not answered, and its retry claims the rest). Returns how many."""
         finished = 0
         for seq, flows in self.receiving_txn(txn).items():
-            with txn.cursor(db=self.dbs.parts) as cur:
-                parts = [k for k in cur.iternext(values=False) if key_seq(k[:8]) == seq]
-            for key in parts:
-                txn.delete(key, db=self.dbs.parts)
+            self.drop_parts_txn(txn, seq)
             rec = self.record_txn(txn, seq)
             if rec is None or rec["state"] != "receiving":
                 continue
@@ -335,7 +335,8 @@ class Inbox:
             total = txn.stat(self.dbs.deliveries)["entries"]
             queued = txn.stat(self.dbs.queue)["entries"]
             dead = txn.stat(self.dbs.dead)["entries"]
-            receiving = len(self.receiving_txn(txn))
+            with txn.cursor(db=self.dbs.parts) as cur:  # keys only: one seq per delivery
+                receiving = len({k[:8] for k in cur.iternext(values=False)})
             importing = 0
             oldest: float | None = None
             with txn.cursor(db=self.dbs.queue) as cur:

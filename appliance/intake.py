@@ -124,7 +124,7 @@ class Acceptance:
 
     def _finish_txn(self, txn: Txn) -> Accepted:
         assert self.seq is not None
-        self.inbox.drop_parts_txn(txn, self.seq, self.parts)
+        self.inbox.drop_parts_txn(txn, self.seq)
         return self._store_txn(txn, self.seq, self.new, self.pos, set())
 
     def _store_txn(

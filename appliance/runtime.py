@@ -8,25 +8,38 @@ entirely under the old or entirely under the new config: the switch is atomic be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from .auth import Verifier
 from .committer import GroupCommitter
-from .config import Config
+from .config import Config, ImporterConfig
+from .connections import ConnectionGate
 from .inbox import Inbox
 from .limits import BodyBudget, RateLimit
 from .metrics import Metrics
 from .store import Store
 
-if TYPE_CHECKING:
-    from .connections import ConnectionGate
-    from .dispatcher import Dispatcher
-
 # Log lines of unauthenticated requests: a burst of 50, then 5 a second.
 ANONYMOUS_LOG_PER_SECOND = 5.0
 ANONYMOUS_LOG_BURST = 50
+
+
+class ImportRunner(Protocol):
+    """What the request path, the admin listener and a reload need of the dispatcher
+    (dispatcher.py implements it and builds on this module, not the other way round)."""
+
+    paused: bool
+
+    def notify(self) -> None:
+        """A delivery was accepted: look at the queue now."""
+
+    async def wait_imported(self, seqs: set[int], bound: float) -> str:
+        """`ack: imported`: "done" once every seq is imported, else why not, within `bound` s."""
+
+    def reconfigure(self, cfg: ImporterConfig) -> None:
+        """A reload changed the importer section."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ class Runtime:
         self.config_path = config_path
         self.draining = False
         self.drill_remaining = live.config.testing.fail_first_deliveries
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher: ImportRunner | None = None
         self.started_at = 0.0
         self.last_reload: dict[str, Any] = {}
         self.nursery: trio.Nursery | None = None

@@ -33,7 +33,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from . import admin, connections, flowindex, http, logs, sdnotify
-from .auth import Verifier, make_verifier
+from .auth import HmacVerifier, Verifier
 from .committer import GroupCommitter
 from .config import Config, Loaded, mask_url
 from .config import load as load_config
@@ -118,6 +118,16 @@ def _hyper_config(
         hc.certfile = cfg.listen.tls.cert_file
         hc.keyfile = cfg.listen.tls.key_file
     return hc
+
+
+def make_verifier(cfg: Config) -> Verifier:
+    if cfg.auth.mode == "bearer":
+        from .bearer import BearerVerifier  # PyJWT and its keys only when bearer is in use
+
+        assert cfg.auth.bearer is not None
+        return BearerVerifier(cfg.auth.bearer)
+    assert cfg.auth.hmac is not None
+    return HmacVerifier(cfg.auth.hmac)
 
 
 async def run(loaded: Loaded) -> None:

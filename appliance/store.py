@@ -190,6 +190,8 @@ def _is_enospc(e: BaseException) -> bool:
 
 
 class Store:
+    dbs: DBs  # one object for the life of the Store: a reopen refreshes it in place
+
     def __init__(self, path: str | os.PathLike[str], *, initial_map_bytes: int = 1 << 30) -> None:
         self.path = Path(path)
         self._initial_map = max(initial_map_bytes, 1 << 20)
@@ -219,7 +221,11 @@ class Store:
         except (lmdb.Error, OSError) as e:
             raise StoreError(f"cannot open the store at {self.path}: {e}") from None
         self._open_index()
-        self.dbs = DBs(*inbox_dbs, *self._index_dbs)
+        dbs = DBs(*inbox_dbs, *self._index_dbs)
+        if hasattr(self, "dbs"):  # reopened: readers hold `store.dbs` (the Inbox does)
+            self.dbs.__dict__.update(vars(dbs))
+        else:
+            self.dbs = dbs
         self.envs = (self.env, self.index_env)
 
     def _open_index(self) -> None:
@@ -382,15 +388,11 @@ class Store:
 
     def _reopen(self) -> None:
         with self._gate.exclusive():
-            dbs = self.dbs
             try:
                 for env in self.envs:
                     env.close()
             finally:
                 self._open()
-                # Readers hold `store.dbs` (the Inbox does): refresh it in place.
-                dbs.__dict__.update(vars(self.dbs))
-                self.dbs = dbs
 
     def _mark_unavailable(self, why: str) -> None:
         if self.available:
