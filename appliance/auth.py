@@ -20,14 +20,7 @@ from typing import Protocol
 import trio
 
 from .config import HmacConfig
-
-
-class AuthFailure(Exception):
-    """Authentication failed; `reason` goes to the log, never to the sender."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+from .errors import AuthFailure
 
 
 class Verifier(Protocol):

@@ -26,7 +26,7 @@ import trio
 from jwt import PyJWK
 from jwt.utils import base64url_decode
 
-from .auth import AuthFailure
+from .errors import AuthFailure
 from .config import BearerConfig, mask_url
 from .errors import KeyLoadError
 from .logs import fields

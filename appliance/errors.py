@@ -14,10 +14,17 @@
     │   ├── InjectedFailure        500 injected_failure  (staging retry drill)
     │   ├── ImportFailed           500 import_failed     (ack: imported)
     │   └── Internal               500 internal
+    ├── AuthFailure                a delivery's credentials were refused (becomes Unauthorized;
+    │                              its `reason` goes to the log, never to the sender)
     ├── ConfigError                an operator's config file is wrong (file:line: key: why)
+    ├── ReloadRefused              a reload was refused; the previous config keeps serving
     ├── KeyLoadError               bearer keys could not be loaded (file, URL, PEM)
-    └── StoreError                 the LMDB store cannot do what was asked
-        └── StoreFull              disk or map full: writes answer 503 until space is freed
+    ├── CommandFailed              a CLI command could not do what was asked (exit 1)
+    │   └── AdminRefused           the admin listener refused the CLI (token or Host)
+    ├── IllegalTransition          a lifecycle event that the record's state does not allow
+    └── StoreError                 the store cannot do what was asked
+        ├── StoreFull              disk or map full: writes answer 503 until space is freed
+        └── StoreLocked            another process holds the store (server vs maintenance)
 
 The `code` of an HTTPError is also the `outcome` label of ct_appliance_requests_total.
 """
@@ -92,6 +99,14 @@ class Internal(HTTPError):
     status, code = 500, "internal"
 
 
+class AuthFailure(ApplianceError):
+    """Authentication failed; `reason` goes to the log, never to the sender."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ConfigError(ApplianceError):
     """One or more problems in a config file; each line names file, line and key path."""
 
@@ -100,8 +115,33 @@ class ConfigError(ApplianceError):
         self.problems = problems
 
 
+class ReloadRefused(ApplianceError):
+    """A new config (or what it names: keys, certificate) was refused; one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class KeyLoadError(ApplianceError):
     """No usable verification key could be loaded."""
+
+
+class CommandFailed(ApplianceError):
+    """A CLI command could not do what was asked; the message is for the operator."""
+
+
+class AdminRefused(CommandFailed):
+    """The admin listener answered, and refused: the token or the Host is not accepted."""
+
+
+class IllegalTransition(ApplianceError):
+    """An event the delivery's current state does not allow (lifecycle.TRANSITIONS)."""
+
+    def __init__(self, state: str, event: str) -> None:
+        super().__init__(f"{event} is not allowed in state {state}")
+        self.state = state
+        self.event = event
 
 
 class StoreError(ApplianceError):
@@ -110,3 +150,7 @@ class StoreError(ApplianceError):
 
 class StoreFull(StoreError):
     """No space left (disk full, or a map that cannot grow): writes fail, reads still work."""
+
+
+class StoreLocked(StoreError):
+    """The store is held by another process: a server, or a maintenance command."""

@@ -29,7 +29,7 @@ from quart import Quart, jsonify
 from quart_trio import QuartTrio
 
 from . import errors, payload
-from .auth import AuthFailure
+from .errors import AuthFailure
 from .errors import HTTPError
 from .inbox import Accepted, Incoming
 from .intake import Acceptance

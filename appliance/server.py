@@ -38,7 +38,14 @@ from .committer import GroupCommitter
 from .config import Config, Loaded, mask_url
 from .config import load as load_config
 from .dispatcher import Dispatcher
-from .errors import ApplianceError, ConfigError, KeyLoadError, StoreError, StoreFull
+from .errors import (
+    ApplianceError,
+    ConfigError,
+    KeyLoadError,
+    ReloadRefused,
+    StoreError,
+    StoreFull,
+)
 from .inbox import Inbox, probe_txn
 from .metrics import Metrics
 from .reload import restart_needed, summarize_changes
@@ -306,19 +313,19 @@ async def reload(rt: Runtime, tls: TLSHolder | None) -> bool:
         try:
             loaded = load_config(rt.config_path)
         except ConfigError as e:
-            raise _Refused(e.problems) from None
+            raise ReloadRefused(e.problems) from None
         new = loaded.config
         verifier: Verifier = make_verifier(new)
         try:
             await verifier.prepare()
         except ApplianceError as e:
-            raise _Refused([mask_url(f"auth: {e}")]) from None
+            raise ReloadRefused([mask_url(f"auth: {e}")]) from None
         if tls is not None and new.listen.tls is not None:
             try:
                 tls.reload(new.listen.tls.cert_file, new.listen.tls.key_file)
             except (OSError, ssl.SSLError) as e:
-                raise _Refused([f"listen.tls: cannot load certificate/key: {e}"]) from None
-    except _Refused as e:
+                raise ReloadRefused([f"listen.tls: cannot load certificate/key: {e}"]) from None
+    except ReloadRefused as e:
         rt.last_reload = {"at": time.time(), "ok": False, "errors": e.problems}
         log.error(
             "reload refused; still serving with the previous config",
@@ -347,12 +354,6 @@ async def reload(rt: Runtime, tls: TLSHolder | None) -> bool:
         log.warning("change needs a restart to apply", extra=logs.fields(change=item))
     sdnotify.notify("READY=1", "STATUS=config reloaded")
     return True
-
-
-class _Refused(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 def main(config_path: str) -> int:

@@ -7,7 +7,8 @@ import hmac
 
 import pytest
 
-from appliance.auth import AuthFailure, HmacVerifier, parse_signature, sign
+from appliance.auth import HmacVerifier, parse_signature, sign
+from appliance.errors import AuthFailure
 from appliance.config import HmacConfig, Secret
 
 BODY = b'{"flow_ids": ["a"], "cost_basis_run_id": "r", "ghost_user_id": "g"}'

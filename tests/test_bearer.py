@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.auth import AuthFailure
+from appliance.errors import AuthFailure
 from appliance.bearer import MAX_TOKEN_CHARS, BearerVerifier
 from appliance.config import BearerConfig
 
