@@ -26,9 +26,8 @@ import trio
 from jwt import PyJWK
 from jwt.utils import base64url_decode
 
-from .errors import AuthFailure
 from .config import BearerConfig, mask_url
-from .errors import KeyLoadError
+from .errors import AuthFailure, KeyLoadError
 from .logs import fields
 
 log = logging.getLogger("ct_appliance.auth")

@@ -29,8 +29,7 @@ from quart import Quart, jsonify
 from quart_trio import QuartTrio
 
 from . import errors, payload
-from .errors import AuthFailure
-from .errors import HTTPError
+from .errors import AuthFailure, HTTPError
 from .inbox import Accepted, Incoming
 from .intake import Acceptance
 from .limits import Hold

@@ -8,8 +8,8 @@ import hmac
 import pytest
 
 from appliance.auth import HmacVerifier, parse_signature, sign
-from appliance.errors import AuthFailure
 from appliance.config import HmacConfig, Secret
+from appliance.errors import AuthFailure
 
 BODY = b'{"flow_ids": ["a"], "cost_basis_run_id": "r", "ghost_user_id": "g"}'
 

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.errors import AuthFailure
 from appliance.bearer import MAX_TOKEN_CHARS, BearerVerifier
 from appliance.config import BearerConfig
+from appliance.errors import AuthFailure
 
 ISSUER = "https://issuer.test/"
 AUDIENCE = "https://partner.test/cointracker"
