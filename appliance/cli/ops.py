@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .cli import EXIT_FAILED, EXIT_OK, Failed, emit, load, table
-from .durations import format_age, parse_duration
-from .errors import ConfigError
-from .metrics import format_signal
-from .reload import diff, summary
+from .. import config as config_mod
+from ..durations import format_age, parse_duration
+from ..errors import AdminRefused, CommandFailed, ConfigError
+from ..metrics import format_signal
+from ..reload import diff, summary
+from .common import EXIT_FAILED, EXIT_OK, emit, load, table
 
 _SIGNAL_NAMES = {
     "p95_latency_seconds": "webhook p95 latency",
@@ -33,10 +31,6 @@ _SIGNAL_NAMES = {
     "idempotency_skip_rate": "idempotency-skip rate",
     "imports_per_webhook": "imports per webhook",
 }
-
-
-class AdminRefused(Failed):
-    """The admin listener answered, and refused: the token or the Host is not accepted."""
 
 
 def admin_get(cfg: config_mod.Config, path: str, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -130,8 +124,8 @@ def _signal_rows(lw: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _store_only(args: argparse.Namespace, why: str | None = None) -> dict[str, Any]:
-    from .cli_store import open_store
-    from .lifecycle import Transitions
+    from ..lifecycle import Transitions
+    from .store import open_store
 
     store, ib = open_store(args)
     counts = ib.counts()
@@ -205,14 +199,14 @@ def status(args: argparse.Namespace) -> int:
 def watch(args: argparse.Namespace) -> int:
     loaded, why = load_for_admin(args)
     if why is not None:
-        raise Failed(why)
+        raise CommandFailed(why)
     cfg = loaded.config
     window = parse_duration(args.window)
     interval = parse_duration(args.interval)
     while True:
         doc = admin_get(cfg, f"/status?window={int(window)}s")
         if doc is None:
-            raise Failed(f"no appliance answers on admin.bind {cfg.admin.bind}")
+            raise CommandFailed(f"no appliance answers on admin.bind {cfg.admin.bind}")
         lw = doc["launch_window"]
         bad = [r for r in _signal_rows(lw) if r["mark"] == "investigate"]
         verdict = "ALERT" if lw["alerts"] else "INVESTIGATE" if bad else "healthy"
@@ -227,6 +221,3 @@ def watch(args: argparse.Namespace) -> int:
         if args.once:
             return EXIT_FAILED if (bad or lw["alerts"]) else EXIT_OK
         time.sleep(interval)
-
-
-__all__ = ["check_config", "status", "watch", "os", "Path"]

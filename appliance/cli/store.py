@@ -11,19 +11,19 @@ import argparse
 import contextlib
 import fcntl
 import functools
-import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import flowindex
-from .cli import EXIT_FAILED, EXIT_OK, Failed, emit, load, table
-from .durations import format_age, parse_duration
-from .inbox import Inbox, rfc3339
-from .lifecycle import Transitions
-from .store import Store
+from .. import flowindex
+from ..durations import format_age, parse_duration
+from ..errors import CommandFailed
+from ..inbox import Inbox, rfc3339
+from ..lifecycle import Transitions
+from ..store import Store
+from .common import EXIT_FAILED, EXIT_OK, emit, load, table, when
 
 SERVER_LOCK = "server.lock"
 
@@ -32,7 +32,7 @@ def open_store(args: argparse.Namespace, *, must_exist: bool = True) -> tuple[St
     cfg = load(args).config
     path = Path(cfg.store.path)
     if must_exist and not (path / "data.mdb").exists():
-        raise Failed(f"no store at {path} (has the appliance run with this config?)")
+        raise CommandFailed(f"no store at {path} (has the appliance run with this config?)")
     store = Store(path, initial_map_bytes=cfg.store.initial_map_bytes)
     return store, Inbox(store)
 
@@ -45,7 +45,7 @@ def exclusive_store(store_path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Failed(
+            raise CommandFailed(
                 "the server is running on this store; stop it first (systemctl stop ct-appliance)"
             ) from None
         yield
@@ -53,22 +53,18 @@ def exclusive_store(store_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _when(ts: float | None) -> str | None:
-    return rfc3339(ts) if ts else None
-
-
 def _row(rec: dict[str, Any]) -> dict[str, Any]:
     last = rec["attempts"][-1] if rec["attempts"] else {}
     return {
         "delivery_id": rec["delivery_id"],
         "state": rec["state"],
-        "received_at": _when(rec["received_at"]),
+        "received_at": when(rec["received_at"]),
         "cost_basis_run_id": rec["run"],
         "flows": len(rec["flows"]),
         "duplicates": rec.get("duplicate_flows", 0),
         "attempts": len(rec["attempts"]),
         "last_result": last.get("summary"),
-        "next_attempt_at": _when(rec.get("next_at")) if rec["state"] == "pending" else None,
+        "next_attempt_at": when(rec.get("next_at")) if rec["state"] == "pending" else None,
         "reruns": rec.get("reruns", 0),
     }
 
@@ -89,7 +85,7 @@ def _show(args: argparse.Namespace) -> int:
     store, ib = open_store(args)
     seq = ib.find(args.id)
     if seq is None:
-        raise Failed(f"no delivery {args.id}")
+        raise CommandFailed(f"no delivery {args.id}")
     tr = Transitions(ib)
 
     def read(txn: Any) -> dict[str, Any]:
@@ -107,12 +103,12 @@ def _show(args: argparse.Namespace) -> int:
         "in_body_duplicates": rec.get("in_body_duplicates", 0),
         "body_bytes": rec.get("body_bytes"),
         "body_kept": rec["body"] is not None,
-        "imported_at": _when(rec.get("done_at")),
+        "imported_at": when(rec.get("done_at")),
         "attempt_log": [
             {
                 "attempt": a["n"],
-                "started_at": _when(a.get("started_at")),
-                "ended_at": _when(a.get("ended_at")),
+                "started_at": when(a.get("started_at")),
+                "ended_at": when(a.get("ended_at")),
                 "outcome": a.get("outcome", "running"),
                 "result": a.get("summary"),
                 "duration_seconds": a.get("duration"),
@@ -154,7 +150,7 @@ def _retry(args: argparse.Namespace) -> int:
     store, ib = open_store(args)
     tr = Transitions(ib)
     if not args.ids and not args.dead:
-        raise Failed("give delivery ids or --dead")
+        raise CommandFailed("give delivery ids or --dead")
     seqs: list[tuple[str, int | None]] = [(i, ib.find(i)) for i in args.ids]
     if args.dead:
         seqs += [(None, s) for s in store.read(tr.dead_seqs_txn)]  # type: ignore[misc]
@@ -209,8 +205,8 @@ def _run_row(r: dict[str, Any]) -> dict[str, Any]:
         "duplicate_pages": r["duplicate_pages"],
         "flows_new": r["flows_new"],
         "flows_duplicate": r["flows_duplicate"],
-        "first_seen": _when(r.get("first_seen")),
-        "last_seen": _when(r.get("last_seen")),
+        "first_seen": when(r.get("first_seen")),
+        "last_seen": when(r.get("last_seen")),
     }
 
 
@@ -223,7 +219,7 @@ def runs(args: argparse.Namespace) -> int:
         return EXIT_OK
     run = ib.run(args.run_id)
     if run is None:
-        raise Failed(f"no run {args.run_id}")
+        raise CommandFailed(f"no run {args.run_id}")
     doc = _run_row(run)
     emit(args, doc, lambda: "\n".join(f"{k:16} {v}" for k, v in doc.items()))
     return EXIT_OK
@@ -252,6 +248,3 @@ def importer(args: argparse.Namespace) -> int:
     else:
         print("importer resumed: queued deliveries will be imported")
     return EXIT_OK
-
-
-__all__ = ["inbox", "flows", "runs", "rebuild_index", "importer", "json"]

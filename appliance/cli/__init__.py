@@ -9,21 +9,15 @@ Heavy imports (trio, Quart, Hypercorn) happen only in the commands that need the
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import config as config_mod
-from .errors import ApplianceError, ConfigError
-from .version import version_line
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class Failed(Exception):
-    """A command could not do what was asked; the message is for the operator."""
+from .. import config as config_mod
+from ..errors import ApplianceError, ConfigError
+from ..version import version_line
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -156,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in e.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
-    except (Failed, ApplianceError) as e:
+    except ApplianceError as e:
         print(f"ct-appliance {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -165,16 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-def load(
-    args: argparse.Namespace, *, resolve_secrets: bool = False, resolve_only: Sequence[str] = ()
-) -> config_mod.Loaded:
-    """The config for an operator command; secrets are only read where they are used."""
-    path = args.config or config_mod.default_path()
-    return config_mod.load(path, resolve_secrets=resolve_secrets, resolve_only=resolve_only)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from . import server
+    from .. import server
 
     return server.main(args.config or config_mod.default_path())
 
@@ -189,41 +175,24 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
         import importlib
 
         fn: Callable[[argparse.Namespace], int] = getattr(
-            importlib.import_module(f"appliance.{module}"), name
+            importlib.import_module(f"appliance.cli.{module}"), name
         )
         return fn(args)
 
     return run
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[str(r.get(c, "") if r.get(c) is not None else "-") for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def emit(args: argparse.Namespace, doc: Any, text: Callable[[], str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(doc, indent=2, default=str))
-    else:
-        print(text())
-
-
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve,
-    "check-config": _lazy("cli_ops", "check_config"),
-    "status": _lazy("cli_ops", "status"),
-    "watch": _lazy("cli_ops", "watch"),
-    "inbox": _lazy("cli_store", "inbox"),
-    "flows": _lazy("cli_store", "flows"),
-    "runs": _lazy("cli_store", "runs"),
-    "rebuild-index": _lazy("cli_store", "rebuild_index"),
-    "importer": _lazy("cli_store", "importer"),
-    "send": _lazy("sender", "main"),
+    "check-config": _lazy("ops", "check_config"),
+    "status": _lazy("ops", "status"),
+    "watch": _lazy("ops", "watch"),
+    "inbox": _lazy("store", "inbox"),
+    "flows": _lazy("store", "flows"),
+    "runs": _lazy("store", "runs"),
+    "rebuild-index": _lazy("store", "rebuild_index"),
+    "importer": _lazy("store", "importer"),
+    "send": _lazy("send", "main"),
     "gen-secret": _gen_secret,
 }
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 
-from .auth import sign
-from .cli import EXIT_FAILED, EXIT_OK, Failed
+from ..auth import sign
+from ..errors import CommandFailed
+from .common import EXIT_FAILED, EXIT_OK
 
 
 def make_pages(flows: int, pages: int, run_id: str) -> list[bytes]:
@@ -45,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     secret = Path(args.secret_file).read_text().strip().encode() if args.secret_file else None
     token = args.token or (Path(args.token_file).read_text().strip() if args.token_file else None)
     if secret is None and token is None:
-        raise Failed("give --secret-file (HMAC) or --token / --token-file (bearer)")
+        raise CommandFailed("give --secret-file (HMAC) or --token / --token-file (bearer)")
     results = []
     verify: Any = args.cacert or True
     with httpx.Client(timeout=args.timeout_seconds, verify=verify) as client:
