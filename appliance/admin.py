@@ -28,6 +28,7 @@ from . import statuspage
 from .config import AdminConfig, is_loopback, split_bind
 from .durations import parse_duration
 from .metrics import signals
+from .record import State, dead_letter
 from .reload import summary
 from .runtime import Runtime
 from .version import build_info
@@ -37,20 +38,14 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 CHALLENGES = ('Basic realm="ct-appliance"', 'Bearer realm="ct-appliance"')
 
 
-async def inbox_summary(rt: Runtime) -> dict[str, Any]:
-    counts = await trio.to_thread.run_sync(rt.inbox.counts)
-    oldest = counts.get("oldest_pending_at")
-    counts["oldest_pending_seconds"] = round(time.time() - oldest, 3) if oldest else None
-    counts["size_bytes"] = rt.store.size_bytes()
-    counts["paused"] = rt.dispatcher.paused if rt.dispatcher is not None else False
-    return counts
-
-
 async def status_document(rt: Runtime, window_seconds: float) -> dict[str, Any]:
     version, commit, built = build_info()
     cfg = rt.live.config
-    inbox = await inbox_summary(rt)
-    recent_dead = await trio.to_thread.run_sync(lambda: rt.inbox.records(state="dead", limit=10))
+    counts = await trio.to_thread.run_sync(rt.backend.summary)
+    inbox = counts.as_dict(time.time())
+    recent_dead = await trio.to_thread.run_sync(
+        lambda: rt.backend.records(state=State.DEAD, limit=10)
+    )
     ready, why = rt.ready()
     return {
         "version": version,
@@ -64,18 +59,8 @@ async def status_document(rt: Runtime, window_seconds: float) -> dict[str, Any]:
         "uptime_seconds": round(time.time() - rt.started_at, 1),
         "importer_paused": inbox["paused"],
         "inbox": inbox,
-        "recent_dead": [
-            {
-                "delivery_id": r["delivery_id"],
-                "received_at": r["received_at"],
-                "cost_basis_run_id": r["run"],
-                "flows": len(r["flows"]),
-                "attempts": len(r["attempts"]),
-                "last_error": (r["attempts"][-1].get("summary") if r["attempts"] else None),
-            }
-            for r in recent_dead
-        ],
-        "launch_window": signals(rt.metrics.window, window_seconds, inbox),
+        "recent_dead": [dead_letter(r) for r in recent_dead],
+        "launch_window": signals(rt.metrics.window, window_seconds, counts),
         "last_reload": rt.last_reload,
         "config": summary(cfg),
     }

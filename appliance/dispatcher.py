@@ -9,25 +9,32 @@ it is re-run with the same delivery id and the next attempt number (counted as a
 It wakes when a delivery is accepted, when an attempt ends, when a backoff expires, and at least
 once a second so that `inbox retry` and `importer pause|resume` from the CLI take effect within 2 s.
 `ack: imported` requests wait here (`wait_imported`) for the outcome of the deliveries they need.
+
+Every time it reads or stores comes from one `Clock` (clock.py), and every wait is a trio wait,
+so tests drive backoff and polling with `trio.testing.MockClock` (tests/test_dispatcher.py).
+What a result does to a record is decided by lifecycle.py, inside the backend's write.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
+from .clock import Clock, TrioWallClock
 from .config import ImporterConfig
+from .durations import rfc3339
 from .errors import StoreError
 from .importer import Attempt, AttemptResult, CommandAttempt, enable_subreaper, retry_delay
-from .inbox import rfc3339
-from .lifecycle import Transitions
 from .logs import fields
 from .payload import THREAD_PARSE_BYTES, importer_document
+from .record import Outcome, PauseState, Record, State
 from .runtime import Runtime
+
+T = TypeVar("T")
 
 log = logging.getLogger("ct_appliance.importer")
 
@@ -41,14 +48,14 @@ class _Waiter:
         self.outcome: str | None = None
         self.event = trio.Event()
 
-    def resolve(self, seq: int, state: str) -> None:
+    def resolve(self, seq: int, state: State | None) -> None:
         if self.outcome is not None:
             return
-        if state == "done":
+        if state is State.DONE:
             self.remaining.discard(seq)
             if not self.remaining:
                 self.outcome = "done"
-        elif state == "dead":
+        elif state is State.DEAD:
             self.outcome = "dead: importer rejected the delivery"
         else:
             self.outcome = "importer failed; will retry"
@@ -66,9 +73,10 @@ def make_attempt(cfg: ImporterConfig) -> Attempt:
 
 
 class Dispatcher:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, clock: Clock | None = None) -> None:
         self.rt = rt
-        self.tr = Transitions(rt.inbox)
+        self.backend = rt.backend
+        self.clock = clock or TrioWallClock()
         self.cfg: ImporterConfig = rt.live.config.importer
         self.attempt: Attempt = make_attempt(self.cfg)
         self.paused = False
@@ -111,7 +119,7 @@ class Dispatcher:
     # -- main loop --------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         rerun = await self._commit(
-            lambda txn: self.tr.recover_txn(txn, time.time()), "recover interrupted imports"
+            lambda: self.backend.recover_imports(self.clock.now()), "recover interrupted imports"
         )
         rerun = rerun or []
         for _ in rerun:
@@ -125,12 +133,9 @@ class Dispatcher:
         async with trio.open_nursery() as nursery:
             while not self._stopping:
                 wake = await self._tick(nursery)
-                delay = (
-                    POLL_SECONDS
-                    if wake is None
-                    else max(0.0, min(POLL_SECONDS, wake - time.time()))
-                )
-                with trio.move_on_after(delay):
+                poll = trio.current_time() + POLL_SECONDS
+                at = poll if wake is None else min(poll, self.clock.deadline(wake))
+                with trio.move_on_at(at):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
 
@@ -139,26 +144,24 @@ class Dispatcher:
         commit. Returns when the next backoff expires (None: nothing waiting)."""
         free = self.cfg.concurrency - len(self.running)
         exclude = set(self.running)
-        now = time.time()
+        now = self.clock.now()
 
-        def look(txn: Any) -> tuple[dict[str, Any], list[int], float | None]:
-            state = self.tr.paused_txn(txn)
-            if state["paused"] or free <= 0 or self._stopping:
+        def look() -> tuple[PauseState, list[int], float | None]:
+            state = self.backend.paused()
+            if state.paused or free <= 0 or self._stopping:
                 return state, [], None
-            return (state, *self.tr.ready_txn(txn, now, free, exclude))
+            return (state, *self.backend.due(now, free, exclude))
 
-        state, ready, wake = await trio.to_thread.run_sync(self.rt.store.read, look)
-        if state["paused"] != self.paused:
-            self.paused = bool(state["paused"])
+        state, ready, wake = await trio.to_thread.run_sync(look)
+        if state.paused != self.paused:
+            self.paused = state.paused
             what = "importer paused" if self.paused else "importer resumed"
-            log.warning(what, extra=fields(**state))
+            log.warning(what, extra=fields(paused=state.paused, at=state.at, by=state.by))
         await self._maybe_prune()
         if not ready or self.paused or self._stopping:
             return wake
         try:
-            started = await self.rt.committer.submit(
-                lambda txn: [self.tr.start_txn(txn, seq, time.time()) for seq in ready]
-            )
+            started = await self.backend.start(ready, self.clock.now())
         except StoreError:
             return None  # nothing started; the store probe brings writes back, we look again
         for seq, item in zip(ready, started, strict=True):
@@ -166,54 +169,50 @@ class Dispatcher:
                 continue
             scope = trio.CancelScope()
             self.running[seq] = scope
-            nursery.start_soon(self._run_attempt, seq, item[0], item[1], scope)
+            nursery.start_soon(self._run_attempt, item.record, item.body, scope)
         return wake
 
-    async def _run_attempt(
-        self, seq: int, rec: dict[str, Any], body: bytes, scope: trio.CancelScope
-    ) -> None:
-        attempt_no = len(rec["attempts"])
+    async def _run_attempt(self, rec: Record, body: bytes, scope: trio.CancelScope) -> None:
+        seq, attempt_no = rec.seq, len(rec.attempts)
         cfg, attempt = self.cfg, self.attempt
         try:
             try:
                 build = functools.partial(
                     importer_document,
                     body,
-                    delivery_id=rec["delivery_id"],
+                    delivery_id=rec.delivery_id,
                     attempt=attempt_no,
-                    received_at=rfc3339(rec["received_at"]),
-                    new_flow_ids=rec["flows"],
+                    received_at=rfc3339(rec.received_at),
+                    new_flow_ids=list(rec.flows),
                 )
                 # A big body is parsed on a worker thread, as on the request path.
                 big = len(body) > THREAD_PARSE_BYTES
                 doc = await trio.to_thread.run_sync(build) if big else build()
             except (ValueError, KeyError) as e:
-                result = AttemptResult("dead", f"stored body unreadable: {e}", 0.0)
+                result = AttemptResult(Outcome.DEAD, f"stored body unreadable: {e}", 0.0)
             else:
                 with scope:
                     result = await attempt(doc)
                 if scope.cancelled_caught:
+                    why = "interrupted: appliance stopping"
                     await self._commit(
-                        lambda txn: self.tr.interrupt_txn(
-                            txn, seq, time.time(), "interrupted: appliance stopping"
-                        ),
+                        lambda: self.backend.requeue(seq, self.clock.now(), why),
                         "record an interrupted import",
                     )
                     log.warning(
                         "import interrupted by shutdown; stays pending",
-                        extra=fields(delivery_id=rec["delivery_id"], attempt=attempt_no),
+                        extra=fields(delivery_id=rec.delivery_id, attempt=attempt_no),
                     )
                     return
             delay = retry_delay(result, attempt_no, cfg)
             state = await self._commit(
-                lambda txn: self.tr.finish_txn(
-                    txn,
+                lambda: self.backend.finish(
                     seq,
-                    outcome=result.outcome,
+                    result.outcome,
                     summary=result.summary,
                     duration=result.duration,
                     output=result.output,
-                    now=time.time(),
+                    now=self.clock.now(),
                     max_attempts=cfg.max_attempts,
                     retry_in=delay,
                 ),
@@ -221,20 +220,20 @@ class Dispatcher:
             )
             if state is None:
                 return  # stopping with the store still refusing writes: re-run at next start
-            metric = {"done": "success", "dead": "dead"}.get(state, "retry")
+            metric = {State.DONE: "success", State.DEAD: "dead"}.get(state, "retry")
             self.rt.metrics.imported(metric, result.duration)
-            level = logging.INFO if state == "done" else logging.WARNING
+            level = logging.INFO if state is State.DONE else logging.WARNING
             log.log(
                 level,
                 "import attempt",
                 extra=fields(
-                    delivery_id=rec["delivery_id"],
+                    delivery_id=rec.delivery_id,
                     attempt=attempt_no,
                     result=result.summary,
-                    state=state,
+                    state=state.value,
                     duration_ms=round(result.duration * 1000, 1),
-                    flows=len(rec["flows"]),
-                    retry_in_seconds=round(delay, 1) if state == "pending" else None,
+                    flows=len(rec.flows),
+                    retry_in_seconds=round(delay, 1) if state is State.PENDING else None,
                     stderr_tail=result.output.get("stderr", "")[-2048:] or None,
                 ),
             )
@@ -247,27 +246,27 @@ class Dispatcher:
             self.notify()
 
     async def _maybe_prune(self) -> None:
-        now = time.time()
+        now = self.clock.now()
         if now - self._last_prune < PRUNE_EVERY_SECONDS:
             return
         self._last_prune = now
         cutoff = now - self.rt.live.config.store.retention_days * 86400
         try:
-            pruned = await self.rt.committer.submit(lambda txn: self.tr.prune_txn(txn, cutoff))
+            pruned = await self.backend.prune(cutoff, now)
         except StoreError:
             self._last_prune = 0.0  # try again at the next tick
             return
         if pruned:
             log.info("retention pruned bodies of imported deliveries", extra=fields(count=pruned))
 
-    async def _commit(self, fn: Any, what: str) -> Any:
+    async def _commit(self, write: Callable[[], Awaitable[T]], what: str) -> T | None:
         """Commit bookkeeping that must not be lost (an attempt's result): while the store
         refuses writes (disk full) keep the result in memory and retry every second. Only a
         stop gives up; the record then stays `importing` and the next start re-runs it."""
         failures = 0
         while True:
             try:
-                return await self.rt.committer.submit(fn)
+                return await write()
             except StoreError as e:
                 failures += 1
                 if failures == 1 or failures % 30 == 0:
@@ -287,11 +286,9 @@ class Dispatcher:
             self._waiters.setdefault(seq, []).append(waiter)
         try:
             self.notify()
-            states = await trio.to_thread.run_sync(
-                self.rt.store.read, lambda txn: self._states(txn, seqs)
-            )
+            states = await trio.to_thread.run_sync(self.backend.states, seqs)
             for seq, state in states.items():
-                if state in ("done", "dead"):
+                if state in (State.DONE, State.DEAD):
                     waiter.resolve(seq, state)
             with trio.move_on_after(bound):
                 await waiter.event.wait()
@@ -303,10 +300,3 @@ class Dispatcher:
                     lst.remove(waiter)
                 if not lst:
                     self._waiters.pop(seq, None)
-
-    def _states(self, txn: Any, seqs: set[int]) -> dict[int, str]:
-        out = {}
-        for seq in seqs:
-            rec = self.rt.inbox.record_txn(txn, seq)
-            out[seq] = rec["state"] if rec else "missing"
-        return out

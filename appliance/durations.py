@@ -1,8 +1,10 @@
-"""Durations as operators type them: ``90s``, ``15m``, ``2h``, ``30d`` (bare number: seconds)."""
+"""Time as operators read and type it: durations (``90s``, ``15m``, ``2h``, ``30d``; a bare
+number is seconds), ages, and RFC 3339 timestamps."""
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -22,3 +24,7 @@ def format_age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.1f}s"
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

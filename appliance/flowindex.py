@@ -27,7 +27,6 @@ Progress is logged every few seconds, and how long the rebuild took once it is d
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import lmdb
 
 from .errors import StoreError, StoreFull
 from .inbox import Inbox, flow_key, key_seq, seq_key
+from .record import decode_flows
 from .store import Txn
 
 log = logging.getLogger("ct_appliance.index")
@@ -143,14 +143,12 @@ def _replay_txn(inbox: Inbox, txn: Txn, progress: Callable[[int], None] | None =
     claimed = 0
     put, flows_db = txn.index.put, dbs.flows
     last = applied
-    with txn.cursor(db=dbs.deliveries) as cur:
-        if cur.set_range(seq_key(applied + 1)):
-            for key, value in cur:
-                for fid in json.loads(value)["flows"]:
-                    claimed += put(flow_key(fid), key, overwrite=False, db=flows_db)
-                last = key_seq(key)
-                if progress is not None:
-                    progress(last)
+    for key, value in inbox.iter_records_txn(txn, after=applied):
+        for fid in decode_flows(value):
+            claimed += put(flow_key(fid), key, overwrite=False, db=flows_db)
+        last = key_seq(key)
+        if progress is not None:
+            progress(last)
     txn.put(b"applied_seq", seq_key(last), db=dbs.index_meta)
     # Parts of deliveries still receiving may sit below the watermark (intake.py): their
     # claims are re-applied every time (idempotent, and there are few of them).

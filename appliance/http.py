@@ -30,10 +30,9 @@ from quart_trio import QuartTrio
 
 from . import errors, payload
 from .errors import AuthFailure, HTTPError
-from .inbox import Accepted, Incoming
-from .intake import Acceptance
 from .limits import Hold
 from .logs import fields
+from .record import Accepted, Incoming
 from .runtime import Runtime
 
 log = logging.getLogger("ct_appliance.webhook")
@@ -142,7 +141,7 @@ class WebhookEndpoint:
             raise errors.MethodNotAllowed("only POST is accepted here")
         if rt.draining:
             raise errors.Unavailable("shutting down; retry later")
-        if not rt.store.available:
+        if not rt.backend.available:
             raise errors.Unavailable("store unavailable; retry later")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         limit = cfg.webhook.max_body_bytes
@@ -185,7 +184,7 @@ class WebhookEndpoint:
         imported_ack = cfg.ack == "imported"
         item = Incoming(delivery, body, time.time(), want_owners=imported_ack)
         try:
-            result: Accepted = await rt.committer.submit_steps(Acceptance(rt.inbox, item))
+            result: Accepted = await rt.backend.accept(item)
         except errors.StoreError as e:
             raise errors.Unavailable(f"store unavailable: {e}") from None
         if result.status == "accepted" and rt.dispatcher is not None:

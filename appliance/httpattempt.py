@@ -20,6 +20,7 @@ import httpx
 from .auth import sign
 from .config import ImporterConfig, mask_url
 from .importer import TAIL_BYTES, AttemptResult
+from .record import Outcome
 
 _RETRYABLE_4XX = (408, 429)
 
@@ -77,15 +78,15 @@ class HttpAttempt:
                 retry_after = parse_retry_after(r.headers.get("retry-after"))
         except httpx.TimeoutException:
             summary = f"no answer within {self.cfg.timeout_seconds:g} s"
-            return AttemptResult("retry", summary, time.monotonic() - started)
+            return AttemptResult(Outcome.RETRY, summary, time.monotonic() - started)
         except httpx.HTTPError as e:
             summary = mask_url(f"{e.__class__.__name__}: {e}")[:300]
-            return AttemptResult("retry", summary, time.monotonic() - started)
+            return AttemptResult(Outcome.RETRY, summary, time.monotonic() - started)
         duration = time.monotonic() - started
         output = {"response": bytes(kept).decode("utf-8", "replace")}
         summary = f"HTTP {status}"
         if 200 <= status < 300:
-            return AttemptResult("success", summary, duration, output)
+            return AttemptResult(Outcome.SUCCESS, summary, duration, output)
         if 400 <= status < 500 and status not in _RETRYABLE_4XX:
-            return AttemptResult("dead", f"{summary} (permanent)", duration, output)
-        return AttemptResult("retry", summary, duration, output, retry_after=retry_after)
+            return AttemptResult(Outcome.DEAD, f"{summary} (permanent)", duration, output)
+        return AttemptResult(Outcome.RETRY, summary, duration, output, retry_after=retry_after)

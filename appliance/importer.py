@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import trio
 
 from .config import ImporterConfig
+from .record import Outcome
 
 TAIL_BYTES = 64 * 1024
 EX_DATAERR = 65
@@ -39,7 +40,7 @@ _PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
 
 @dataclass
 class AttemptResult:
-    outcome: str  # success | retry | dead
+    outcome: Outcome  # success | retry | dead
     summary: str  # one line for tables and logs: "exit 0", "killed after 30 s", "HTTP 503"
     duration: float
     output: dict[str, str] = field(default_factory=dict)
@@ -184,7 +185,7 @@ class CommandAttempt:
             return _spawn_failed(e, self.argv[0], time.monotonic() - started)
         except ValueError as e:  # e.g. a NUL in an environment value: no retry can fix it
             return AttemptResult(
-                "dead", f"cannot start the importer: {e}", time.monotonic() - started
+                Outcome.DEAD, f"cannot start the importer: {e}", time.monotonic() - started
             )
         else:
             _LIVE_PIDS.add(proc.pid)
@@ -218,15 +219,15 @@ class CommandAttempt:
         code = proc.returncode
         if timed_out:
             summary = f"timed out after {self.cfg.timeout_seconds:g} s; process group killed"
-            return AttemptResult("retry", summary, duration, output)
+            return AttemptResult(Outcome.RETRY, summary, duration, output)
         if code == 0:
-            return AttemptResult("success", "exit 0", duration, output)
+            return AttemptResult(Outcome.SUCCESS, "exit 0", duration, output)
         if code == EX_DATAERR:
-            return AttemptResult("dead", "exit 65 (EX_DATAERR: permanent)", duration, output)
+            return AttemptResult(Outcome.DEAD, "exit 65 (EX_DATAERR: permanent)", duration, output)
         if code is not None and code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            return AttemptResult("retry", f"killed by signal {name}", duration, output)
-        return AttemptResult("retry", f"exit {code}", duration, output)
+            return AttemptResult(Outcome.RETRY, f"killed by signal {name}", duration, output)
+        return AttemptResult(Outcome.RETRY, f"exit {code}", duration, output)
 
 
 def _spawn_failed(e: OSError, command: str, duration: float) -> AttemptResult:
@@ -242,11 +243,11 @@ def _spawn_failed(e: OSError, command: str, duration: float) -> AttemptResult:
     """
     if e.errno == errno.E2BIG:
         return AttemptResult(
-            "dead", "cannot start the importer: argument list too long (E2BIG)", duration
+            Outcome.DEAD, "cannot start the importer: argument list too long (E2BIG)", duration
         )
     name = errno.errorcode.get(e.errno or 0, "")
     why = f"{e.strerror} ({name})" if name else str(e.strerror or e)
-    return AttemptResult("retry", f"cannot start {command}: {why}", duration)
+    return AttemptResult(Outcome.RETRY, f"cannot start {command}: {why}", duration)
 
 
 async def _terminate_group(proc: trio.Process) -> None:

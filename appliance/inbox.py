@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Sub-databases of the one LMDB environment (see store.py):
 
-    deliveries  seq (8 bytes, big-endian)  -> delivery record (JSON)
+    deliveries  seq (8 bytes, big-endian)  -> delivery record (JSON, record.encode_record)
     bodies      seq                        -> raw body bytes, exactly as received and verified
     attempts    seq + attempt (4 bytes)    -> captured output of one importer attempt
     parts       seq + part (4 bytes)       -> new flow ids (JSON list) of one committed slice
@@ -34,6 +34,10 @@ Sub-databases of the one LMDB environment (see store.py):
 * Flow keys: ``=`` + UTF-8 bytes, or ``#`` + SHA-256 of them when longer than LMDB's key limit.
 * A delivery is done (imported) or dead only through the importer's commits; its flow ids stay
   claimed forever, even after retention prunes its body.
+* A record changes by load -> apply -> store: `update_txn` loads it, applies one function of
+  lifecycle.py, and `save_txn` writes it with the entries that follow from its state (queue
+  while pending or importing, dead while dead, done once imported), so those indexes can never
+  disagree with the record.
 """
 
 from __future__ import annotations
@@ -43,15 +47,28 @@ import json
 import os
 import struct
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Callable, Iterator
 
-from .payload import Delivery
+from . import lifecycle
+from .record import (
+    FlowOwner,
+    InboxSummary,
+    Incoming,
+    PauseState,
+    Record,
+    RunStats,
+    State,
+    decode_pause,
+    decode_record,
+    decode_run,
+    encode_pause,
+    encode_record,
+    encode_run,
+)
 from .store import Store, Txn
 
 MAX_RAW_KEY = 480
-STATES = ("pending", "importing", "done", "dead")
+QUEUED = (State.PENDING, State.IMPORTING)
 
 
 def seq_key(seq: int) -> bytes:
@@ -59,17 +76,15 @@ def seq_key(seq: int) -> bytes:
 
 
 def key_seq(key: bytes) -> int:
-    return int(struct.unpack(">Q", key)[0])
+    return int(struct.unpack(">Q", key[:8])[0])
 
 
 def flow_key(flow_id: str) -> bytes:
+    """The key of a flow id in the index (and of a run id in `runs`)."""
     raw = flow_id.encode()
     if len(raw) <= MAX_RAW_KEY:
         return b"=" + raw
     return b"#" + hashlib.sha256(raw).digest()
-
-
-run_key = flow_key
 
 
 def queue_value(next_at: float, importing: bool) -> bytes:
@@ -81,8 +96,12 @@ def parse_queue_value(raw: bytes) -> tuple[float, bool]:
     return float(next_at), bool(importing)
 
 
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def attempt_key(seq: int, n: int) -> bytes:
+    return seq_key(seq) + struct.pack(">I", n)
+
+
+def done_key(rec: Record) -> bytes:
+    return struct.pack(">Q", int((rec.done_at or 0.0) * 1000)) + seq_key(rec.seq)
 
 
 def instance_id(store: Store) -> str:
@@ -108,53 +127,6 @@ def parse_delivery_id(text: str) -> int | None:
     return int(num) if num.isdigit() else None
 
 
-def new_record(
-    seq: int,
-    *,
-    received_at: float,
-    run: str,
-    user: str,
-    flows: list[str],
-    duplicate_flows: int = 0,
-    in_body_duplicates: int = 0,
-    body_bytes: int = 0,
-) -> dict[str, Any]:
-    """The delivery record as stored, pending and never attempted (the one place its layout
-    is written; the bench's bulk loader builds its records here too)."""
-    return {
-        "seq": seq,
-        "received_at": received_at,
-        "run": run,
-        "user": user,
-        "state": "pending",
-        "flows": flows,
-        "duplicate_flows": duplicate_flows,
-        "in_body_duplicates": in_body_duplicates,
-        "body_bytes": body_bytes,
-        "attempts": [],
-        "next_at": received_at,
-        "reruns": 0,
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    delivery: Delivery
-    body: bytes
-    received_at: float
-    want_owners: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    status: str  # "accepted" | "duplicate"
-    delivery_id: str | None
-    seq: int | None
-    new: int
-    duplicate: int
-    owners: frozenset[int] = field(default_factory=frozenset)
-
-
 class Inbox:
     """Transaction bodies over one Store. Methods named `*_txn` run inside a given txn."""
 
@@ -166,29 +138,85 @@ class Inbox:
     def delivery_id_of(self, seq: int) -> str:
         return delivery_id(self.instance, seq)
 
+    # -- records: load -> apply -> store ----------------------------------------------------
+    def load_txn(self, txn: Txn, seq: int) -> Record | None:
+        raw = txn.get(seq_key(seq), db=self.dbs.deliveries)
+        return decode_record(raw, delivery_id(self.instance, seq)) if raw is not None else None
+
+    def decode(self, key: bytes, raw: bytes) -> Record:
+        """A record as found by a cursor over `deliveries`."""
+        return decode_record(raw, delivery_id(self.instance, key_seq(key)))
+
+    def save_txn(self, txn: Txn, rec: Record, before: Record | None) -> None:
+        """Store `rec` (which was `before`) and the index entries its state implies."""
+        dbs, skey = self.dbs, seq_key(rec.seq)
+        txn.put(skey, encode_record(rec), db=dbs.deliveries)
+        old = before.state if before is not None else None
+        if rec.state in QUEUED:
+            txn.put(skey, queue_value(rec.next_at, rec.state is State.IMPORTING), db=dbs.queue)
+        elif old in QUEUED:
+            txn.delete(skey, db=dbs.queue)
+        if rec.state is State.DEAD and old is not State.DEAD:
+            txn.put(skey, b"", db=dbs.dead)
+        elif old is State.DEAD and rec.state is not State.DEAD:
+            txn.delete(skey, db=dbs.dead)
+        if rec.state is State.DONE and old is not State.DONE:
+            txn.put(done_key(rec), b"", db=dbs.done)  # until retention prunes the body
+
+    def update_txn(
+        self, txn: Txn, seq: int, apply: Callable[[Record], Record]
+    ) -> tuple[Record | None, Record | None]:
+        """Load the record, apply a lifecycle function, store the result: (before, after)."""
+        before = self.load_txn(txn, seq)
+        if before is None:
+            return None, None
+        after = apply(before)
+        self.save_txn(txn, after, before)
+        return before, after
+
+    def body_txn(self, txn: Txn, seq: int) -> bytes | None:
+        raw = txn.get(seq_key(seq), db=self.dbs.bodies)
+        return bytes(raw) if raw is not None else None
+
+    def has_body_txn(self, txn: Txn, seq: int) -> bool:
+        with txn.cursor(db=self.dbs.bodies) as cur:
+            return bool(cur.set_key(seq_key(seq)))
+
     # -- intake (the steps themselves are in intake.py) -------------------------------------
     def next_seq_txn(self, txn: Txn) -> int:
         with txn.cursor(db=self.dbs.deliveries) as cur:
             return key_seq(cur.key()) + 1 if cur.last() else 1
 
+    def store_accepted_txn(self, txn: Txn, rec: Record, body: bytes) -> None:
+        """A delivery stored whole: pending, queued, its body kept and its run counted."""
+        self.save_txn(txn, rec, None)
+        txn.put(seq_key(rec.seq), body, db=self.dbs.bodies)
+        self.count_run_txn(txn, rec, len(rec.flows), rec.duplicate_flows)
+
     def begin_receiving_txn(self, txn: Txn, seq: int, item: Incoming) -> None:
         """A delivery claimed over several commits: its body and a `receiving` record now."""
         d = item.delivery
-        rec = new_record(
+        rec = lifecycle.receive(
             seq,
             received_at=item.received_at,
-            run=d.cost_basis_run_id,
-            user=d.ghost_user_id,
-            flows=[],
+            run_id=d.cost_basis_run_id,
+            ghost_user_id=d.ghost_user_id,
+            flow_count=len(d.flow_ids),
             in_body_duplicates=d.in_body_duplicates,
             body_bytes=len(item.body),
         )
-        rec["state"], rec["flow_count"] = "receiving", len(d.flow_ids)
-        self.put_record_txn(txn, rec)
+        self.save_txn(txn, rec, None)
         txn.put(seq_key(seq), item.body, db=self.dbs.bodies)
 
+    def complete_txn(self, txn: Txn, seq: int, flows: tuple[str, ...], examined: int) -> None:
+        """A `receiving` delivery becomes pending with the flow ids it claimed; parts go."""
+        self.drop_parts_txn(txn, seq)
+        _, rec = self.update_txn(txn, seq, lambda r: lifecycle.complete(r, flows, examined))
+        if rec is not None:
+            self.count_run_txn(txn, rec, len(rec.flows), rec.duplicate_flows)
+
     def put_part_txn(self, txn: Txn, seq: int, part: int, flows: list[str]) -> None:
-        txn.put(seq_key(seq) + struct.pack(">I", part), _dumps(flows), db=self.dbs.parts)
+        txn.put(attempt_key(seq, part), _dumps(flows), db=self.dbs.parts)
 
     def drop_parts_txn(self, txn: Txn, seq: int) -> None:
         prefix = seq_key(seq)
@@ -197,71 +225,13 @@ class Inbox:
             while ok and cur.key().startswith(prefix):
                 ok = cur.delete()
 
-    def store_record_txn(
-        self,
-        txn: Txn,
-        seq: int,
-        *,
-        received_at: float,
-        run: str,
-        user: str,
-        flows: list[str],
-        duplicate_flows: int,
-        in_body_duplicates: int,
-        body: bytes | None,
-        body_bytes: int,
-    ) -> None:
-        """The record as the importer will take it: pending, queued, its run counted. `body`
-        is None when it was stored already (a delivery that was `receiving`)."""
-        record = new_record(
-            seq,
-            received_at=received_at,
-            run=run,
-            user=user,
-            flows=flows,
-            duplicate_flows=duplicate_flows,
-            in_body_duplicates=in_body_duplicates,
-            body_bytes=body_bytes,
-        )
-        skey = seq_key(seq)
-        txn.put(skey, _dumps(record), db=self.dbs.deliveries)
-        if body is not None:
-            txn.put(skey, body, db=self.dbs.bodies)
-        txn.put(skey, queue_value(received_at, False), db=self.dbs.queue)
-        self.count_run_txn(txn, run, user, received_at, len(flows), duplicate_flows)
-
-    def count_run_txn(
-        self, txn: Txn, run_id: str, user: str, now: float, new: int, dup: int
-    ) -> None:
-        key = run_key(run_id)
-        raw = txn.get(key, db=self.dbs.runs)
-        if raw is None:
-            run: dict[str, Any] = {
-                "run_id": run_id,
-                "ghost_user_id": user,
-                "pages": 0,
-                "accepted_pages": 0,
-                "duplicate_pages": 0,
-                "flows_new": 0,
-                "flows_duplicate": 0,
-                "first_seen": now,
-            }
-        else:
-            run = json.loads(raw)
-        run["pages"] += 1
-        run["accepted_pages" if new else "duplicate_pages"] += 1
-        run["flows_new"] += new
-        run["flows_duplicate"] += dup
-        run["last_seen"] = now
-        txn.put(key, _dumps(run), db=self.dbs.runs)
-
     def receiving_txn(self, txn: Txn) -> dict[int, list[str]]:
         """Deliveries still `receiving` (a crash or a failed commit cut them short) with the
         new flow ids of their committed parts, in order."""
         out: dict[int, list[str]] = {}
         with txn.cursor(db=self.dbs.parts) as cur:
             for key, raw in cur:
-                out.setdefault(key_seq(key[:8]), []).extend(json.loads(raw))
+                out.setdefault(key_seq(key), []).extend(json.loads(raw))
         return out
 
     def finish_receiving_txn(self, txn: Txn) -> int:
@@ -269,140 +239,145 @@ class Inbox:
         (its sender was not answered, and its retry claims the rest). Returns how many."""
         finished = 0
         for seq, flows in self.receiving_txn(txn).items():
-            self.drop_parts_txn(txn, seq)
-            rec = self.record_txn(txn, seq)
-            if rec is None or rec["state"] != "receiving":
+            rec = self.load_txn(txn, seq)
+            if rec is None or rec.state is not State.RECEIVING:
+                self.drop_parts_txn(txn, seq)
                 continue
-            self.store_record_txn(
-                txn,
-                seq,
-                received_at=rec["received_at"],
-                run=rec["run"],
-                user=rec["user"],
-                flows=flows,
-                duplicate_flows=rec["flow_count"] - len(flows),
-                in_body_duplicates=rec["in_body_duplicates"],
-                body=None,
-                body_bytes=rec["body_bytes"],
-            )
+            self.complete_txn(txn, seq, tuple(flows), rec.flow_count or len(flows))
             finished += 1
         return finished
 
-    # -- records ----------------------------------------------------------------------------
-    def record_txn(self, txn: Txn, seq: int) -> dict[str, Any] | None:
-        raw = txn.get(seq_key(seq), db=self.dbs.deliveries)
-        if raw is None:
-            return None
-        rec: dict[str, Any] = json.loads(raw)
-        rec["delivery_id"] = delivery_id(self.instance, seq)
-        return rec
+    def count_run_txn(self, txn: Txn, rec: Record, new: int, dup: int) -> None:
+        self.count_page_txn(txn, rec.run_id, rec.ghost_user_id, rec.received_at, new, dup)
 
-    def put_record_txn(self, txn: Txn, rec: dict[str, Any]) -> None:
-        body = {k: v for k, v in rec.items() if k != "delivery_id"}
-        txn.put(seq_key(rec["seq"]), _dumps(body), db=self.dbs.deliveries)
+    def count_page_txn(
+        self, txn: Txn, run_id: str, user: str, now: float, new: int, dup: int
+    ) -> None:
+        key = flow_key(run_id)
+        raw = txn.get(key, db=self.dbs.runs)
+        run = decode_run(raw) if raw is not None else RunStats(run_id, user, now, now)
+        txn.put(key, encode_run(run.counted(now, new, dup)), db=self.dbs.runs)
 
-    def body_txn(self, txn: Txn, seq: int) -> bytes | None:
-        raw = txn.get(seq_key(seq), db=self.dbs.bodies)
-        return bytes(raw) if raw is not None else None
-
-    def find(self, id_or_seq: str) -> int | None:
-        seq = parse_delivery_id(id_or_seq)
-        if seq is None:
-            return None
-        exists = self.store.read(lambda txn: txn.get(seq_key(seq), db=self.dbs.deliveries))
-        return seq if exists is not None else None
-
-    def records(
-        self, *, state: str | None = None, limit: int = 50, newest_first: bool = True
-    ) -> list[dict[str, Any]]:
-        def scan(txn: Txn) -> list[dict[str, Any]]:
-            out: list[dict[str, Any]] = []
-            db = {"pending": self.dbs.queue, "importing": self.dbs.queue, "dead": self.dbs.dead}
-            source = db.get(state or "", self.dbs.deliveries)
-            with txn.cursor(db=source) as cur:
-                ok = cur.last() if newest_first else cur.first()
-                while ok and len(out) < limit:
-                    rec = self.record_txn(txn, key_seq(cur.key()))
-                    if rec is not None and (state is None or rec["state"] == state):
-                        out.append(rec)
-                    ok = cur.prev() if newest_first else cur.next()
-            return out
-
-        return self.store.read(scan)
-
-    def counts(self) -> dict[str, Any]:
-        def count(txn: Txn) -> dict[str, Any]:
-            total = txn.stat(self.dbs.deliveries)["entries"]
-            queued = txn.stat(self.dbs.queue)["entries"]
-            dead = txn.stat(self.dbs.dead)["entries"]
-            with txn.cursor(db=self.dbs.parts) as cur:  # keys only: one seq per delivery
-                receiving = len({k[:8] for k in cur.iternext(values=False)})
-            importing = 0
-            oldest: float | None = None
-            with txn.cursor(db=self.dbs.queue) as cur:
-                for key, raw in cur:
-                    importing += parse_queue_value(raw)[1]
-                    if oldest is None:
-                        rec = self.record_txn(txn, key_seq(key))
-                        oldest = rec["received_at"] if rec else None
-            return {
-                "pending": queued - importing,
-                "importing": importing,
-                "done": total - queued - dead - receiving,
-                "dead": dead,
-                "receiving": receiving,
-                "total": total,
-                "flows": txn.stat(self.dbs.flows)["entries"],
-                "runs": txn.stat(self.dbs.runs)["entries"],
-                "oldest_pending_at": oldest,
-            }
-
-        return self.store.read(count)
-
-    # -- flows and runs ---------------------------------------------------------------------
-    def flows(self, flow_ids: list[str]) -> list[dict[str, Any]]:
-        def look(txn: Txn) -> list[dict[str, Any]]:
-            out = []
-            for fid in flow_ids:
-                owner = txn.get(flow_key(fid), db=self.dbs.flows)
-                if owner is None:
-                    out.append({"flow_id": fid, "known": False})
+    # -- the importer's queue ---------------------------------------------------------------
+    def due_txn(
+        self, txn: Txn, now: float, limit: int, exclude: set[int]
+    ) -> tuple[list[int], float | None]:
+        """Up to `limit` pending seqs due now, FIFO; and the earliest future due time."""
+        ready: list[int] = []
+        wake: float | None = None
+        with txn.cursor(db=self.dbs.queue) as cur:
+            for key, raw in cur:
+                seq = key_seq(key)
+                next_at, importing = parse_queue_value(raw)
+                if importing or seq in exclude:
                     continue
-                rec = self.record_txn(txn, key_seq(owner)) or {}
-                out.append(
-                    {
-                        "flow_id": fid,
-                        "known": True,
-                        "delivery_id": delivery_id(self.instance, key_seq(owner)),
-                        "state": rec.get("state", "unknown"),
-                        "received_at": rec.get("received_at"),
-                        "imported_at": rec.get("done_at") if rec.get("state") == "done" else None,
-                        "cost_basis_run_id": rec.get("run"),
-                    }
-                )
-            return out
+                if next_at <= now:
+                    ready.append(seq)
+                    if len(ready) >= limit:
+                        break
+                elif wake is None or next_at < wake:
+                    wake = next_at
+        return ready, wake
 
-        return self.store.read(look)
+    def importing_txn(self, txn: Txn) -> list[int]:
+        with txn.cursor(db=self.dbs.queue) as cur:
+            return [key_seq(k) for k, v in cur if parse_queue_value(v)[1]]
 
-    def runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        def scan(txn: Txn) -> list[dict[str, Any]]:
-            with txn.cursor(db=self.dbs.runs) as cur:
-                rows = [json.loads(v) for _, v in cur]
-            rows.sort(key=lambda r: r.get("last_seen", 0), reverse=True)
-            return rows[:limit]
+    def dead_seqs_txn(self, txn: Txn) -> list[int]:
+        with txn.cursor(db=self.dbs.dead) as cur:
+            return [key_seq(k) for k in cur.iternext(keys=True, values=False)]
 
-        return self.store.read(scan)
+    def put_output_txn(self, txn: Txn, seq: int, n: int, output: dict[str, str]) -> None:
+        txn.put(attempt_key(seq, n), _dumps(output), db=self.dbs.attempts)
 
-    def run(self, run_id: str) -> dict[str, Any] | None:
-        raw = self.store.read(lambda txn: txn.get(run_key(run_id), db=self.dbs.runs))
+    def drop_output_txn(self, txn: Txn, seq: int, n: int) -> None:
+        txn.delete(attempt_key(seq, n), db=self.dbs.attempts)
+
+    def output_txn(self, txn: Txn, seq: int, n: int) -> dict[str, str] | None:
+        raw = txn.get(attempt_key(seq, n), db=self.dbs.attempts)
         return json.loads(raw) if raw is not None else None
 
+    def set_paused_txn(self, txn: Txn, state: PauseState) -> None:
+        txn.put(b"importer_paused", encode_pause(state), db=self.dbs.state)
 
-def _dumps(value: Any) -> bytes:
+    def paused_txn(self, txn: Txn) -> PauseState:
+        return decode_pause(txn.get(b"importer_paused", db=self.dbs.state))
+
+    # -- reads ------------------------------------------------------------------------------
+    def records_txn(
+        self, txn: Txn, state: State | None, limit: int, newest_first: bool
+    ) -> list[Record]:
+        out: list[Record] = []
+        index = {State.PENDING: self.dbs.queue, State.IMPORTING: self.dbs.queue}
+        source = self.dbs.dead if state is State.DEAD else index.get(state, self.dbs.deliveries)  # type: ignore[arg-type]
+        with txn.cursor(db=source) as cur:
+            ok = cur.last() if newest_first else cur.first()
+            while ok and len(out) < limit:
+                rec = self.load_txn(txn, key_seq(cur.key()))
+                if rec is not None and (state is None or rec.state is state):
+                    out.append(rec)
+                ok = cur.prev() if newest_first else cur.next()
+        return out
+
+    def iter_records_txn(self, txn: Txn, after: int = 0) -> Iterator[tuple[bytes, bytes]]:
+        """(seq key, encoded record) from seq `after + 1` on, in seq order."""
+        with txn.cursor(db=self.dbs.deliveries) as cur:
+            if cur.set_range(seq_key(after + 1)):
+                yield from cur
+
+    def summary_txn(self, txn: Txn, *, size_bytes: int) -> InboxSummary:
+        dbs = self.dbs
+        total = txn.stat(dbs.deliveries)["entries"]
+        queued = txn.stat(dbs.queue)["entries"]
+        dead = txn.stat(dbs.dead)["entries"]
+        with txn.cursor(db=dbs.parts) as cur:  # keys only: one seq per delivery
+            receiving = len({k[:8] for k in cur.iternext(values=False)})
+        importing = 0
+        oldest: float | None = None
+        with txn.cursor(db=dbs.queue) as cur:
+            for key, raw in cur:
+                importing += parse_queue_value(raw)[1]
+                if oldest is None:
+                    rec = self.load_txn(txn, key_seq(key))
+                    oldest = rec.received_at if rec else None
+        return InboxSummary(
+            pending=queued - importing,
+            importing=importing,
+            done=total - queued - dead - receiving,
+            dead=dead,
+            receiving=receiving,
+            total=total,
+            flows=txn.stat(dbs.flows)["entries"],
+            runs=txn.stat(dbs.runs)["entries"],
+            oldest_pending_at=oldest,
+            size_bytes=size_bytes,
+            paused=self.paused_txn(txn).paused,
+        )
+
+    def flows_txn(self, txn: Txn, flow_ids: list[str]) -> list[FlowOwner]:
+        out = []
+        for fid in flow_ids:
+            owner = txn.get(flow_key(fid), db=self.dbs.flows)
+            rec = self.load_txn(txn, key_seq(owner)) if owner is not None else None
+            out.append(FlowOwner(fid, key_seq(owner) if owner is not None else None, rec))
+        return out
+
+    def runs_txn(self, txn: Txn, limit: int) -> list[RunStats]:
+        with txn.cursor(db=self.dbs.runs) as cur:
+            rows = [decode_run(v) for _, v in cur]
+        rows.sort(key=lambda r: r.last_seen, reverse=True)
+        return rows[:limit]
+
+    def run_txn(self, txn: Txn, run_id: str) -> RunStats | None:
+        raw = txn.get(flow_key(run_id), db=self.dbs.runs)
+        return decode_run(raw) if raw is not None else None
+
+
+def _dumps(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def probe_txn(store: Store) -> Any:
+def probe_txn(store: Store) -> Callable[[Txn], None]:
     """A tiny write used to learn whether the store takes writes again after a full disk."""
 
     def probe(txn: Txn) -> None:

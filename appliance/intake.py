@@ -37,7 +37,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .inbox import Accepted, Inbox, Incoming, flow_key, key_seq, seq_key
+from . import lifecycle
+from .inbox import Inbox, flow_key, key_seq, seq_key
+from .record import Accepted, Incoming
 from .store import Txn
 
 # Flow ids claimed per commit: a few milliseconds of index work per step.
@@ -107,7 +109,7 @@ class Acceptance:
         if seq is None:
             if last:
                 dup = len(ids)
-                ib.count_run_txn(txn, d.cost_basis_run_id, d.ghost_user_id, at, 0, dup)
+                ib.count_page_txn(txn, d.cost_basis_run_id, d.ghost_user_id, at, 0, dup)
                 owners = frozenset(self.owners | step.owners)
                 step.done = Accepted("duplicate", None, None, 0, dup, owners)
             return step
@@ -124,29 +126,31 @@ class Acceptance:
 
     def _finish_txn(self, txn: Txn) -> Accepted:
         assert self.seq is not None
-        self.inbox.drop_parts_txn(txn, self.seq)
-        return self._store_txn(txn, self.seq, self.new, self.pos, set())
+        self.inbox.complete_txn(txn, self.seq, tuple(self.new), self.pos)
+        return self._accepted(self.seq, len(self.new), self.pos, set())
 
     def _store_txn(
         self, txn: Txn, seq: int, new: list[str], examined: int, owners: set[int]
     ) -> Accepted:
+        """A delivery claimed in one step: stored whole, pending, at once."""
         item, d = self.item, self.item.delivery
-        dup = examined - len(new)
-        self.inbox.store_record_txn(
-            txn,
+        rec = lifecycle.accept(
             seq,
             received_at=item.received_at,
-            run=d.cost_basis_run_id,
-            user=d.ghost_user_id,
-            flows=new,
-            duplicate_flows=dup,
+            run_id=d.cost_basis_run_id,
+            ghost_user_id=d.ghost_user_id,
+            flows=tuple(new),
+            duplicate_flows=examined - len(new),
             in_body_duplicates=d.in_body_duplicates,
-            body=None if self.seq is not None else item.body,  # stored when it began receiving
             body_bytes=len(item.body),
         )
+        self.inbox.store_accepted_txn(txn, rec, item.body)
+        return self._accepted(seq, len(new), examined, owners)
+
+    def _accepted(self, seq: int, new: int, examined: int, owners: set[int]) -> Accepted:
         delivery_id = self.inbox.delivery_id_of(seq)
         return Accepted(
-            "accepted", delivery_id, seq, len(new), dup, frozenset(self.owners | owners)
+            "accepted", delivery_id, seq, new, examined - new, frozenset(self.owners | owners)
         )
 
     # -- what the writer tells us ----------------------------------------------------------
@@ -171,8 +175,9 @@ class Acceptance:
 
 
 def accept_txn(inbox: Inbox, txn: Txn, item: Incoming) -> Accepted:
-    """Every step of one delivery inside one transaction (the CLI, tests and bench loaders;
-    the server goes through the group commit, one step per commit)."""
+    """Every step of one delivery inside one transaction (no writer task: the CLI, tests and
+    bench loaders; the server goes through the group commit, one step per commit). The
+    operation is made here, so a transaction that is retried starts it afresh."""
     op = Acceptance(inbox, item, slice_ids=max(1, len(item.delivery.flow_ids)))
     while not op.committed(op.step(txn)):
         pass

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from . import errors
+from .record import InboxSummary
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 IMPORT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
@@ -129,7 +130,7 @@ def grade(signal: str, value: float | None) -> str:
     return "watch"
 
 
-def signals(window: Window, window_seconds: float, inbox: dict[str, Any] | None) -> dict[str, Any]:
+def signals(window: Window, window_seconds: float, inbox: InboxSummary | None) -> dict[str, Any]:
     """The launch-window table (spec §8), graded, plus the 'alert CoinTracker now' verdicts."""
     t = window.totals(window_seconds)
     by = t["by_outcome"]
@@ -154,13 +155,13 @@ def signals(window: Window, window_seconds: float, inbox: dict[str, Any] | None)
     table: dict[str, Any] = {k: {"value": v, "grade": grade(k, v)} for k, v in rows.items()}
     ipw = ratio(imports, accepted)
     ipw_grade = "no data" if ipw is None else "healthy" if ipw >= 0.9 else "watch"
-    if inbox and inbox.get("dead"):
+    if inbox is not None and inbox.dead:
         ipw_grade = "investigate"
     table["imports_per_webhook"] = {
         "value": ipw,
         "grade": ipw_grade,
-        "pending": (inbox or {}).get("pending"),
-        "dead": (inbox or {}).get("dead"),
+        "pending": inbox.pending if inbox is not None else None,
+        "dead": inbox.dead if inbox is not None else None,
     }
     alerts = []
     short = window.totals(min(300.0, window_seconds))["by_outcome"]
@@ -185,7 +186,7 @@ def signals(window: Window, window_seconds: float, inbox: dict[str, Any] | None)
 
 
 class _InboxCollector(Collector):
-    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, read: Callable[[], InboxSummary]) -> None:
         self.read = read
 
     def collect(self) -> Any:
@@ -197,18 +198,18 @@ class _InboxCollector(Collector):
             "ct_appliance_inbox_deliveries", "Deliveries in the inbox by state", labels=["state"]
         )
         for state in ("pending", "importing", "done", "dead"):
-            g.add_metric([state], c.get(state, 0))
+            g.add_metric([state], getattr(c, state))
         yield g
-        oldest = c.get("oldest_pending_at")
+        oldest = c.oldest_pending_at
         age = max(0.0, time.time() - oldest) if oldest else 0.0
         yield GaugeMetricFamily(
             "ct_appliance_inbox_oldest_pending_seconds", "Age of the oldest pending delivery", age
         )
         yield GaugeMetricFamily(
-            "ct_appliance_store_size_bytes", "Size of the LMDB data file", c.get("size_bytes", 0)
+            "ct_appliance_store_size_bytes", "Size of the LMDB data file", c.size_bytes
         )
         yield GaugeMetricFamily(
-            "ct_appliance_importer_paused", "1 while importer runs are paused", c.get("paused", 0)
+            "ct_appliance_importer_paused", "1 while importer runs are paused", int(c.paused)
         )
 
 
@@ -291,7 +292,7 @@ class Metrics:
     def set_info(self, version: str, environment: str, auth_mode: str) -> None:
         self.info.info({"version": version, "environment": environment, "auth_mode": auth_mode})
 
-    def watch_inbox(self, read: Callable[[], dict[str, Any]]) -> None:
+    def watch_inbox(self, read: Callable[[], InboxSummary]) -> None:
         self.registry.register(_InboxCollector(read))
 
     def watch_limits(self, read: Callable[[], dict[str, Any]]) -> None:

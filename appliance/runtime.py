@@ -13,13 +13,11 @@ from typing import Any, Protocol
 import trio
 
 from .auth import Verifier
-from .committer import GroupCommitter
+from .backend import Backend
 from .config import Config, ImporterConfig
 from .connections import ConnectionGate
-from .inbox import Inbox
 from .limits import BodyBudget, RateLimit
 from .metrics import Metrics
-from .store import Store
 
 # Log lines of unauthenticated requests: a burst of 50, then 5 a second.
 ANONYMOUS_LOG_PER_SECOND = 5.0
@@ -52,16 +50,12 @@ class Runtime:
     def __init__(
         self,
         live: Live,
-        store: Store,
-        inbox: Inbox,
-        committer: GroupCommitter,
+        backend: Backend,
         metrics: Metrics,
         config_path: str,
     ) -> None:
         self.live = live
-        self.store = store
-        self.inbox = inbox
-        self.committer = committer
+        self.backend = backend
         self.metrics = metrics
         self.config_path = config_path
         self.draining = False
@@ -78,8 +72,8 @@ class Runtime:
     def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if not self.store.available:
-            return False, f"store unavailable: {self.store.last_error}"
+        if not self.backend.available:
+            return False, f"store unavailable: {self.backend.last_error}"
         if not self.live.verifier.ready():
             return False, f"{self.live.verifier.mode} keys not loaded"
         return True, "ready"

@@ -19,10 +19,8 @@ commits what is queued, the store closes, and the process exits 0.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import logging
-import os
 import signal
 import ssl
 import time
@@ -32,9 +30,9 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import admin, connections, flowindex, http, logs, sdnotify
+from . import admin, connections, http, logs, sdnotify
 from .auth import HmacVerifier, Verifier
-from .committer import GroupCommitter
+from .backend import Backend
 from .config import Config, Loaded, mask_url
 from .config import load as load_config
 from .dispatcher import Dispatcher
@@ -46,11 +44,10 @@ from .errors import (
     StoreError,
     StoreFull,
 )
-from .inbox import Inbox, probe_txn
+from .lmdbbackend import LmdbBackend
 from .metrics import Metrics
 from .reload import restart_needed, summarize_changes
 from .runtime import Live, Runtime
-from .store import Store
 from .version import VERSION
 
 log = logging.getLogger("ct_appliance.server")
@@ -141,31 +138,32 @@ async def run(loaded: Loaded) -> None:
     cfg = loaded.config
     for warning in loaded.warnings:
         log.warning("config warning", extra=logs.fields(detail=warning))
-    store = Store(cfg.store.path, initial_map_bytes=cfg.store.initial_map_bytes)
-    lock = _lock_store(store)
+    backend = LmdbBackend(
+        cfg.store.path, initial_map_bytes=cfg.store.initial_map_bytes, serving=True
+    )
+    clean = False
     try:
-        inbox = Inbox(store)
-        recovered = await _recover_index(inbox)
+        recovered = await _recover(backend)
         if any(recovered.values()):
             log.warning("flow index recovered from the inbox", extra=logs.fields(**recovered))
-        await _run(loaded, store, inbox)
+        await _run(loaded, backend)
+        clean = True
+    finally:
         try:
-            flowindex.mark_clean(inbox)
+            backend.close(clean=clean)
         except StoreError as e:  # not fatal: the index is then checked again at the next start
             log.warning("could not mark the flow index clean", extra=logs.fields(error=str(e)))
-    finally:
-        store.close()
-        os.close(lock)
         log.info("store closed")
 
 
-async def _recover_index(inbox: Inbox) -> dict[str, Any]:
-    """Bring the flow index up to the inbox before accepting anything (a stale index could
-    answer `accepted` for a known flow id). A full disk here is waited out, not fatal."""
+async def _recover(backend: Backend) -> dict[str, Any]:
+    """Make the store consistent (the flow index caught up with the inbox) before accepting
+    anything: a stale index could answer `accepted` for a known flow id. A full disk here is
+    waited out, not fatal."""
     tries = 0
     while True:
         try:
-            return await trio.to_thread.run_sync(flowindex.recover, inbox)
+            return await trio.to_thread.run_sync(backend.recover)
         except StoreFull as e:
             if tries % 30 == 0:
                 log.error("cannot prepare the store; retrying", extra=logs.fields(error=str(e)))
@@ -174,28 +172,16 @@ async def _recover_index(inbox: Inbox) -> dict[str, Any]:
             await trio.sleep(1.0)
 
 
-def _lock_store(store: Store) -> int:
-    """Hold a shared lock while serving so `rebuild-index` can tell a server is running."""
-    fd = os.open(store.path / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError("the store is locked by a maintenance command (rebuild-index)") from None
-    return fd
-
-
-async def _run(loaded: Loaded, store: Store, inbox: Inbox) -> None:
+async def _run(loaded: Loaded, backend: Backend) -> None:
     cfg = loaded.config
-    committer = GroupCommitter(store)
     metrics = Metrics()
     verifier = make_verifier(cfg)
-    rt = Runtime(Live(cfg, verifier), store, inbox, committer, metrics, loaded.path)
+    rt = Runtime(Live(cfg, verifier), backend, metrics, loaded.path)
     rt.started_at = time.time()
     metrics.set_info(VERSION, cfg.environment, verifier.mode)
     dispatcher = Dispatcher(rt)
     rt.dispatcher = dispatcher
-    metrics.watch_inbox(lambda: _inbox_gauges(rt))
+    metrics.watch_inbox(backend.summary)
     tls = TLSHolder(cfg.listen.tls.cert_file, cfg.listen.tls.key_file) if cfg.listen.tls else None
     gates = {
         "webhook": connections.ConnectionGate(cfg.listen.max_connections),
@@ -208,7 +194,7 @@ async def _run(loaded: Loaded, store: Store, inbox: Inbox) -> None:
 
     shutdown = trio.Event()
     async with trio.open_nursery() as outer:
-        await outer.start(committer.run)
+        await outer.start(backend.run_writer)
         # Signals are handled until the process ends: a second SIGTERM (systemd's default
         # KillMode signals the onefile bootloader and its child) must not cut the drain short.
         signals_scope = await outer.start(_signals, rt, shutdown, tls)
@@ -230,7 +216,7 @@ async def _run(loaded: Loaded, store: Store, inbox: Inbox) -> None:
             await dispatcher.stop(rt.live.config.importer.shutdown_grace_seconds)
             rt.live.verifier.stop()
             aux.cancel_scope.cancel()
-        committer.close()
+        backend.stop_writes()
         signals_scope.cancel()
     log.info("stopped cleanly")
 
@@ -254,28 +240,20 @@ async def _serve_until_stopped(
                 admin=admin_binds,
                 auth_mode=rt.live.verifier.mode,
                 environment=cfg.environment,
-                store=str(rt.store.path),
+                store=cfg.store.path,
                 version=VERSION,
             ),
         )
         sdnotify.notify("READY=1", f"STATUS=serving {cfg.webhook.path}")
 
 
-def _inbox_gauges(rt: Runtime) -> dict[str, Any]:
-    counts = rt.inbox.counts()
-    counts["size_bytes"] = rt.store.size_bytes()
-    counts["paused"] = int(rt.dispatcher.paused) if rt.dispatcher else 0
-    return counts
-
-
 async def _probe_store(rt: Runtime) -> None:
     """While the store refuses writes (disk full), try a tiny write every second."""
-    probe = probe_txn(rt.store)
     while True:
         await trio.sleep(1.0)
-        if not rt.store.available and not rt.draining:
+        if not rt.backend.available and not rt.draining:
             try:
-                await rt.committer.submit(probe)
+                await rt.backend.probe()
             except ApplianceError:
                 continue
 

@@ -34,6 +34,7 @@ Theory of operation
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import threading
@@ -45,7 +46,7 @@ from typing import Any, TypeVar, cast
 
 import lmdb
 
-from .errors import StoreError, StoreFull
+from .errors import StoreError, StoreFull, StoreLocked
 
 log = logging.getLogger("ct_appliance.store")
 
@@ -53,6 +54,7 @@ T = TypeVar("T")
 
 DB_NAMES = ("deliveries", "bodies", "attempts", "queue", "dead", "done", "runs", "state", "parts")
 INDEX_DB_NAMES = ("flows", "index_meta")
+LOCK_FILE = "server.lock"
 MAX_BATCH = 512
 MAX_MAP_BYTES = 1 << 40
 
@@ -109,7 +111,7 @@ class DBs:
     index_meta: Any
 
 
-class Txn2:
+class Txn:
     """One operation's view of both environments: inbox calls go to the inbox transaction,
     calls naming an index database go to the index transaction (begun on first use)."""
 
@@ -166,9 +168,6 @@ class Txn2:
                 index.commit()
             else:
                 index.abort()
-
-
-Txn = Txn2
 
 
 def _delete_index_files(index_path: Path) -> None:
@@ -276,8 +275,27 @@ class Store:
             self.envs = (self.env, self.index_env)
         self.index_reset = why
 
-    def _txn(self, write: bool) -> Txn2:
-        return Txn2(self.env.begin(write=write), self.index_env, self._index_ids, write)
+    @contextmanager
+    def locked(self, *, exclusive: bool) -> Iterator[None]:
+        """Hold the store's lock file: shared while a server runs, exclusive for maintenance
+        (`rebuild-index`), so neither can start while the other holds the store."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreLocked(
+                    "the server is running on this store; stop it first "
+                    "(systemctl stop ct-appliance)"
+                    if exclusive
+                    else "the store is locked by a maintenance command (rebuild-index)"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _txn(self, write: bool) -> Txn:
+        return Txn(self.env.begin(write=write), self.index_env, self._index_ids, write)
 
     def close(self) -> None:
         with self._gate.exclusive():

@@ -400,8 +400,10 @@ def records(draw: st.DrawFn) -> Record:
             lambda r: lifecycle.prune(r, draw(FLOAT)),
             lambda r: lifecycle.purge(r, draw(FLOAT)),
         ],
-        State.DEAD: [
-            lambda r: lifecycle.retry(r, draw(FLOAT), body_kept=True),
+        State.DEAD: [  # an operator retries a dead letter only while its body is kept
+            lambda r: (
+                r if r.purged_at is not None else lifecycle.retry(r, draw(FLOAT), body_kept=True)
+            ),
             lambda r: lifecycle.purge(r, draw(FLOAT)),
         ],
     }

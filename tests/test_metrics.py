@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from appliance.metrics import LATENCY_BUCKETS, Window, quantile, signals
+from appliance.record import InboxSummary
 
 
 class Clock:
@@ -28,7 +29,7 @@ def test_drill_answers_are_apart_and_alerts_fire() -> None:
     w.request("duplicate", 200, 0.01)
     for _ in range(50):
         w.request("injected_failure", 500, 0.001)
-    s = signals(w, 900, {"pending": 0, "dead": 0})
+    s = signals(w, 900, InboxSummary(0, 0, 0, 0, 0, 0, 0, 0, None, 0, False))
     assert s["signals"]["error_5xx_rate"]["value"] == 0 and s["injected_failures"] == 50
     assert s["healthy"]
     for _ in range(5):

@@ -1,8 +1,7 @@
-"""store.py + inbox.py + lifecycle.py on a real LMDB file."""
+"""The LMDB backend (store.py, inbox.py, lmdbbackend.py) applying lifecycle.py on a real file."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -10,10 +9,12 @@ import trio
 
 from appliance import flowindex
 from appliance.committer import GroupCommitter
-from appliance.inbox import Inbox, Incoming, flow_key, seq_key
+from appliance.errors import StoreLocked
+from appliance.inbox import Inbox, flow_key, seq_key
 from appliance.intake import accept_txn
-from appliance.lifecycle import Transitions
+from appliance.lmdbbackend import LmdbBackend
 from appliance.payload import Delivery
+from appliance.record import Incoming, Outcome, State
 from appliance.store import Store
 
 
@@ -30,9 +31,10 @@ def test_claims_are_exact_and_duplicates_store_nothing(tmp_path: Path) -> None:
     c = store.write(lambda t: accept_txn(inbox, t, incoming(["x", "z"])))
     assert (a.status, a.new, b.status, b.new, b.duplicate) == ("accepted", 2, "accepted", 1, 1)
     assert c.status == "duplicate" and c.delivery_id is None
-    assert [r["flows"] for r in inbox.records(newest_first=False)] == [["x", "y"], ["z"]]
-    run = inbox.run("r")
-    assert run is not None and (run["pages"], run["flows_new"], run["flows_duplicate"]) == (3, 3, 3)
+    records = store.read(lambda t: inbox.records_txn(t, None, 10, False))
+    assert [r.flows for r in records] == [("x", "y"), ("z",)]
+    run = store.read(lambda t: inbox.run_txn(t, "r"))
+    assert run is not None and (run.pages, run.flows_new, run.flows_duplicate) == (3, 3, 3)
 
 
 def test_flow_ids_longer_than_the_key_limit_are_stored_by_digest(tmp_path: Path) -> None:
@@ -43,7 +45,7 @@ def test_flow_ids_longer_than_the_key_limit_are_stored_by_digest(tmp_path: Path)
     first = store.write(lambda t: accept_txn(inbox, t, incoming([long_id, long_id + "2"])))
     again = store.write(lambda t: accept_txn(inbox, t, incoming([long_id])))
     assert first.new == 2 and again.status == "duplicate"
-    assert inbox.flows([long_id])[0]["known"] is True
+    assert store.read(lambda t: inbox.flows_txn(t, [long_id]))[0].seq == first.seq
 
 
 def test_map_grows_by_itself(tmp_path: Path) -> None:
@@ -53,7 +55,7 @@ def test_map_grows_by_itself(tmp_path: Path) -> None:
     for i in range(200):  # ~4 MB of bodies into a 1 MiB map
         store.write(lambda t, i=i: accept_txn(inbox, t, incoming([f"g{i}"], body=body)))
     assert store.env.info()["map_size"] > 1 << 20
-    assert inbox.counts()["total"] == 200
+    assert store.read(lambda t: inbox.summary_txn(t, size_bytes=0)).total == 200
 
 
 async def test_group_commit_shares_commits_and_claims_exactly(tmp_path: Path) -> None:
@@ -78,10 +80,10 @@ async def test_group_commit_shares_commits_and_claims_exactly(tmp_path: Path) ->
     assert committer.operations == 400
     assert committer.commits < 100, committer.commits  # batched, not one commit per request
     claimed: dict[str, int] = {}
-    for rec in inbox.records(limit=1000):
-        for f in rec["flows"]:
+    for rec in store.read(lambda t: inbox.records_txn(t, None, 1000, True)):
+        for f in rec.flows:
             assert f not in claimed
-            claimed[f] = rec["seq"]
+            claimed[f] = rec.seq
     assert set(claimed) == {f for b in bodies for f in b}
     assert sum(r.new for r in results) == len(claimed)
 
@@ -112,73 +114,103 @@ async def test_a_failing_operation_fails_alone(tmp_path: Path) -> None:
             n.start_soon(bad)
         committer.close()
     assert isinstance(out["bad"], RuntimeError)
-    assert inbox.flows(["ok"])[0]["known"]
+    assert store.read(lambda t: inbox.flows_txn(t, ["ok"]))[0].seq is not None
 
 
-def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    inbox = Inbox(store)
-    tr = Transitions(inbox)
-    acc = store.write(lambda t: accept_txn(inbox, t, incoming(["a", "b"], body=b'{"k":1}')))
+async def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(tmp_path: Path) -> None:
+    backend = LmdbBackend(tmp_path)
+    acc = await backend.accept(incoming(["a", "b"], body=b'{"k":1}'))
     seq = acc.seq
     assert seq is not None
-    for n in range(3):
-        started = store.write(lambda t, n=n: tr.start_txn(t, seq, 10.0 + n))
-        assert started is not None and started[1] == b'{"k":1}'
-        state = store.write(
-            lambda t, n=n: tr.finish_txn(
-                t,
-                seq,
-                outcome="retry",
-                summary="exit 1",
-                duration=0.1,
-                output={"stderr": "e"},
-                now=11.0 + n,
-                max_attempts=3,
-                retry_in=5.0,
-            )
-        )
-    assert state == "dead"
-    assert store.write(lambda t: tr.retry_txn(t, seq, 20.0)) == "queued"
-    assert store.read(lambda t: tr.ready_txn(t, 20.0, 10, set()))[0] == [seq]
-    store.write(lambda t: tr.start_txn(t, seq, 21.0))
-    state = store.write(
-        lambda t: tr.finish_txn(
-            t,
+
+    async def attempt(outcome: Outcome, at: float) -> State | None:
+        started = await backend.start([seq], at)
+        assert started[0] is not None and started[0].body == b'{"k":1}'
+        return await backend.finish(
             seq,
-            outcome="success",
-            summary="exit 0",
+            outcome,
+            summary=f"{outcome.value} at {at}",
             duration=0.1,
-            output={},
-            now=22.0,
+            output={"stderr": "e"},
+            now=at + 1,
             max_attempts=3,
-            retry_in=0,
+            retry_in=5.0,
         )
-    )
-    assert state == "done"
-    assert store.write(lambda t: tr.retry_txn(t, seq, 23.0)).startswith("already imported")
-    assert store.write(lambda t: tr.prune_txn(t, cutoff=1e12)) == 1
-    assert store.read(lambda t: inbox.body_txn(t, seq)) is None
-    before = inbox.flows(["a", "b", "c"])
-    assert flowindex.rebuild(inbox) == 2
-    assert inbox.flows(["a", "b", "c"]) == before
+
+    states = [await attempt(Outcome.RETRY, 10.0 + n) for n in range(3)]
+    assert states == [State.PENDING, State.PENDING, State.DEAD]
+    assert backend.dead_seqs() == [seq]
+    detail = backend.detail(seq)
+    assert detail is not None and detail.outputs == ({"stderr": "e"},) * 3
+    assert detail.record.last_attempt is not None
+    assert detail.record.last_attempt.summary == "retry at 12.0; max_attempts (3) reached"
+    assert await backend.retry(seq, 20.0) == "queued"
+    assert backend.dead_seqs() == []
+    assert backend.due(20.0, 10, set()) == ([seq], None)
+    assert await attempt(Outcome.SUCCESS, 21.0) == State.DONE
+    assert backend.due(30.0, 10, set()) == ([], None)
+    assert (await backend.retry(seq, 23.0)).startswith("already imported")
+    assert await backend.prune(cutoff=1e12, now=24.0) == 1
+    detail = backend.detail(seq)
+    assert detail is not None and detail.body is None and detail.record.body_pruned_at == 24.0
+    before = backend.flows(["a", "b", "c"])
+    assert backend.rebuild_index() == 2
+    assert backend.flows(["a", "b", "c"]) == before
+    assert [f.seq for f in before] == [seq, seq, None]
 
 
-def test_crash_recovery_returns_importing_to_pending_as_rerun(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    inbox = Inbox(store)
-    tr = Transitions(inbox)
-    seq = store.write(lambda t: accept_txn(inbox, t, incoming(["a"]))).seq
+async def test_purge_drops_bodies_and_outputs_never_flow_ids(tmp_path: Path) -> None:
+    backend = LmdbBackend(tmp_path)
+    done = (await backend.accept(incoming(["a"], body=b"1"))).seq
+    dead = (await backend.accept(incoming(["b"], body=b"2"))).seq
+    assert done is not None and dead is not None
+    for seq, outcome in ((done, Outcome.SUCCESS), (dead, Outcome.DEAD)):
+        await backend.start([seq], 1.0e9 + 1)
+        await backend.finish(
+            seq, outcome, summary="x", duration=0, output={"o": "x"}, now=1e9 + 2,
+            max_attempts=3, retry_in=0,
+        )  # fmt: skip
+    assert await backend.purge(cutoff=2e9, include_dead=False, now=5.0) == 1
+    assert await backend.purge(cutoff=2e9, include_dead=False, now=6.0) == 0  # once
+    kept, gone = backend.detail(dead), backend.detail(done)
+    assert gone is not None and gone.body is None and gone.outputs == (None,)
+    assert kept is not None and kept.body == b"2"
+    assert await backend.purge(cutoff=2e9, include_dead=True, now=7.0) == 1
+    assert await backend.retry(dead, 8.0) == "body purged; cannot be retried"
+    assert [f.seq for f in backend.flows(["a", "b"])] == [done, dead]
+
+
+def test_server_and_maintenance_exclude_each_other(tmp_path: Path) -> None:
+    # One process may open an LMDB environment once, so the second holder is the same Store
+    # through a second lock-file descriptor: flock treats it as another holder, as it does a
+    # second process (tests/e2e/test_importer.py runs rebuild-index beside a real server).
+    server = LmdbBackend(tmp_path, serving=True)
+    try:
+        with server.maintenance():
+            raise AssertionError("rebuild-index ran beside a server")
+    except StoreLocked as e:
+        assert "the server is running on this store" in str(e)
+    server.close()
+    with server.maintenance():
+        try:
+            with server.store.locked(exclusive=False):
+                raise AssertionError("a server started during rebuild-index")
+        except StoreLocked as e:
+            assert "maintenance command" in str(e)
+
+
+async def test_crash_recovery_returns_importing_to_pending_as_rerun(tmp_path: Path) -> None:
+    backend = LmdbBackend(tmp_path)
+    seq = (await backend.accept(incoming(["a"]))).seq
     assert seq is not None
-    store.write(lambda t: tr.start_txn(t, seq, 5.0))
-    store.close()
-    store = Store(tmp_path)
-    inbox = Inbox(store)
-    tr = Transitions(inbox)
-    assert store.write(lambda t: tr.recover_txn(t, 6.0)) == [seq]
-    rec = store.read(lambda t: inbox.record_txn(t, seq))
-    assert rec is not None and rec["state"] == "pending" and rec["reruns"] == 1
-    assert json.loads(json.dumps(rec))["attempts"][0]["outcome"] == "interrupted"
+    await backend.start([seq], 5.0)
+    backend.close()
+    backend = LmdbBackend(tmp_path)
+    assert await backend.recover_imports(6.0) == [seq]
+    rec = backend.records()[0]
+    assert (rec.state, rec.reruns, rec.next_at) == (State.PENDING, 1, 6.0)
+    assert rec.attempts[0].outcome is Outcome.INTERRUPTED
+    assert await backend.recover_imports(7.0) == []
 
 
 def test_index_catches_up_after_a_crash_between_the_two_commits(tmp_path: Path) -> None:
@@ -197,12 +229,12 @@ def test_index_catches_up_after_a_crash_between_the_two_commits(tmp_path: Path) 
         t.put(b"applied_seq", seq_key(1), db=store.dbs.index_meta)  # type: ignore[attr-defined]
 
     store.write(lose_index_commit)
-    assert inbox.flows(["c"])[0]["known"] is False
+    assert store.read(lambda t: inbox.flows_txn(t, ["c"]))[0].seq is None
     store.close()
     store = Store(tmp_path)
     inbox = Inbox(store)
     assert flowindex.recover(inbox) == {"rebuilt": False, "replayed_flow_ids": 1}
-    assert inbox.flows(["c"])[0]["delivery_id"] == inbox.delivery_id_of(2)
+    assert store.read(lambda t: inbox.flows_txn(t, ["c"]))[0].seq == 2
 
 
 def test_index_left_open_across_a_reboot_is_rebuilt(tmp_path: Path) -> None:
@@ -239,7 +271,7 @@ def test_an_index_that_cannot_be_opened_is_deleted_and_rebuilt(tmp_path: Path) -
     out = flowindex.recover(inbox)
     assert out["rebuilt"] and out["replayed_flow_ids"] == 600
     assert out["reason"].startswith("could not be opened")
-    assert inbox.flows(["a7"])[0]["delivery_id"] == inbox.delivery_id_of(8)
+    assert store.read(lambda t: inbox.flows_txn(t, ["a7"]))[0].seq == 8
 
 
 def test_an_index_of_another_store_or_ahead_of_the_inbox_is_rebuilt(tmp_path: Path) -> None:
@@ -263,4 +295,4 @@ def test_rebuild_index_never_reads_the_old_tree(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
     assert flowindex.rebuild(inbox) == 600
-    assert inbox.flows(["b299"])[0]["delivery_id"] == inbox.delivery_id_of(300)
+    assert store.read(lambda t: inbox.flows_txn(t, ["b299"]))[0].seq == 300

@@ -16,6 +16,7 @@ from appliance import config
 from appliance.cli import build_parser
 from appliance.connections import ConnectionGate
 from appliance.metrics import Metrics
+from appliance.record import InboxSummary
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 
@@ -67,7 +68,7 @@ def test_config_keys() -> None:
 
 def test_metric_names() -> None:
     m = Metrics()
-    m.watch_inbox(lambda: {})
+    m.watch_inbox(lambda: InboxSummary(0, 0, 0, 0, 0, 0, 0, 0, None, 0, False))
     gates = {"webhook": ConnectionGate(16), "admin": ConnectionGate(16)}
     m.watch_limits(lambda: {"gates": gates, "inflight_body_bytes": 0})
     names = sorted({s.name for fam in m.registry.collect() for s in fam.samples})

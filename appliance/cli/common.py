@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import config as config_mod
+from ..durations import rfc3339
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -44,6 +45,4 @@ def emit(args: argparse.Namespace, doc: Any, text: Callable[[], str]) -> None:
 
 def when(ts: float | None) -> str | None:
     """A timestamp as RFC 3339, or None when there is none."""
-    from ..inbox import rfc3339  # here, not above: `--help` and `send` need no store
-
     return rfc3339(ts) if ts else None

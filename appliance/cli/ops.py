@@ -124,22 +124,17 @@ def _signal_rows(lw: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _store_only(args: argparse.Namespace, why: str | None = None) -> dict[str, Any]:
-    from ..lifecycle import Transitions
-    from .store import open_store
+    from ..record import State, dead_letter
+    from .store import open_backend
 
-    store, ib = open_store(args)
-    counts = ib.counts()
-    paused = store.read(Transitions(ib).paused_txn)["paused"]
-    oldest = counts.get("oldest_pending_at")
-    counts["oldest_pending_seconds"] = time.time() - oldest if oldest else None
-    dead = ib.records(state="dead", limit=10)
+    backend = open_backend(args)
+    counts = backend.summary()
+    dead = backend.records(state=State.DEAD, limit=10)
     return {
         "server": f"{why or 'not running'} (figures from the store alone)",
-        "importer_paused": paused,
-        "inbox": counts,
-        "recent_dead": [
-            {"delivery_id": r["delivery_id"], "cost_basis_run_id": r["run"]} for r in dead
-        ],
+        "importer_paused": counts.paused,
+        "inbox": counts.as_dict(time.time()),
+        "recent_dead": [dead_letter(r) for r in dead],
     }
 
 

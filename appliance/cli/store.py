@@ -1,71 +1,56 @@
 """CLI commands over the store: inbox, flows, runs, rebuild-index, importer pause|resume.
 
-They open the LMDB environment directly (safe beside a running server: LMDB serialises
-writers across processes, and the server's dispatcher re-reads the queue and the pause flag
-at least once a second, so a retry or a pause made here takes effect within 2 s).
+They open the store directly through its `Backend` (safe beside a running server: LMDB
+serialises writers across processes, and the server's dispatcher re-reads the queue and the
+pause flag at least once a second, so a retry or a pause made here takes effect within 2 s).
+Writes are the backend's async operations, each run with `trio.run`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .. import flowindex
+import trio
+
 from ..durations import format_age, parse_duration
 from ..errors import CommandFailed
-from ..inbox import Inbox, rfc3339
-from ..lifecycle import Transitions
-from ..store import Store
+from ..lmdbbackend import LmdbBackend
+from ..record import Record, RecordDetail, RunStats, State
 from .common import EXIT_FAILED, EXIT_OK, emit, load, table, when
 
-SERVER_LOCK = "server.lock"
+T = TypeVar("T")
 
 
-def open_store(args: argparse.Namespace, *, must_exist: bool = True) -> tuple[Store, Inbox]:
+def open_backend(args: argparse.Namespace, *, must_exist: bool = True) -> LmdbBackend:
     cfg = load(args).config
     path = Path(cfg.store.path)
     if must_exist and not (path / "data.mdb").exists():
         raise CommandFailed(f"no store at {path} (has the appliance run with this config?)")
-    store = Store(path, initial_map_bytes=cfg.store.initial_map_bytes)
-    return store, Inbox(store)
+    return LmdbBackend(path, initial_map_bytes=cfg.store.initial_map_bytes)
 
 
-@contextlib.contextmanager
-def exclusive_store(store_path: Path) -> Iterator[None]:
-    """Hold the store's server lock exclusively, failing if a server holds it (shared)."""
-    fd = os.open(store_path / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CommandFailed(
-                "the server is running on this store; stop it first (systemctl stop ct-appliance)"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+def _sync(write: Callable[[], Awaitable[T]]) -> T:
+    return trio.run(write)
 
 
-def _row(rec: dict[str, Any]) -> dict[str, Any]:
-    last = rec["attempts"][-1] if rec["attempts"] else {}
+def _row(rec: Record) -> dict[str, Any]:
+    last = rec.last_attempt
     return {
-        "delivery_id": rec["delivery_id"],
-        "state": rec["state"],
-        "received_at": when(rec["received_at"]),
-        "cost_basis_run_id": rec["run"],
-        "flows": len(rec["flows"]),
-        "duplicates": rec.get("duplicate_flows", 0),
-        "attempts": len(rec["attempts"]),
-        "last_result": last.get("summary"),
-        "next_attempt_at": when(rec.get("next_at")) if rec["state"] == "pending" else None,
-        "reruns": rec.get("reruns", 0),
+        "delivery_id": rec.delivery_id,
+        "state": rec.state.value,
+        "received_at": when(rec.received_at),
+        "cost_basis_run_id": rec.run_id,
+        "flows": len(rec.flows),
+        "duplicates": rec.duplicate_flows,
+        "attempts": len(rec.attempts),
+        "last_result": last.summary if last is not None else None,
+        "next_attempt_at": when(rec.next_at) if rec.state is State.PENDING else None,
+        "reruns": rec.reruns,
     }
 
 
@@ -74,51 +59,23 @@ def inbox(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    store, ib = open_store(args)
-    rows = [_row(r) for r in ib.records(state=args.state, limit=args.limit)]
+    backend = open_backend(args)
+    state = State(args.state) if args.state else None
+    rows = [_row(r) for r in backend.records(state=state, limit=args.limit)]
     cols = ["delivery_id", "state", "received_at", "cost_basis_run_id", "flows", "attempts"]
     emit(args, rows, lambda: table(rows, [*cols, "last_result"]))
     return EXIT_OK
 
 
 def _show(args: argparse.Namespace) -> int:
-    store, ib = open_store(args)
-    seq = ib.find(args.id)
-    if seq is None:
+    backend = open_backend(args)
+    seq = backend.find(args.id)
+    found = backend.detail(seq) if seq is not None else None
+    if found is None:
         raise CommandFailed(f"no delivery {args.id}")
-    tr = Transitions(ib)
-
-    def read(txn: Any) -> dict[str, Any]:
-        rec = ib.record_txn(txn, seq)
-        assert rec is not None
-        for a in rec["attempts"]:
-            a["output"] = tr.output_txn(txn, seq, a["n"])
-        body = ib.body_txn(txn, seq)
-        rec["body"] = body.decode("utf-8", "replace") if body is not None else None
-        return rec
-
-    rec = store.read(read)
-    doc = _row(rec) | {
-        "flow_ids": rec["flows"],
-        "in_body_duplicates": rec.get("in_body_duplicates", 0),
-        "body_bytes": rec.get("body_bytes"),
-        "body_kept": rec["body"] is not None,
-        "imported_at": when(rec.get("done_at")),
-        "attempt_log": [
-            {
-                "attempt": a["n"],
-                "started_at": when(a.get("started_at")),
-                "ended_at": when(a.get("ended_at")),
-                "outcome": a.get("outcome", "running"),
-                "result": a.get("summary"),
-                "duration_seconds": a.get("duration"),
-                "output": a.get("output"),
-            }
-            for a in rec["attempts"]
-        ],
-    }
+    doc = _detail_doc(found)
     if args.body:
-        doc["body"] = rec["body"]
+        doc["body"] = _body_text(found)
 
     def text() -> str:
         lines = [
@@ -146,32 +103,62 @@ def _show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _body_text(found: RecordDetail) -> str | None:
+    return found.body.decode("utf-8", "replace") if found.body is not None else None
+
+
+def _detail_doc(found: RecordDetail) -> dict[str, Any]:
+    rec = found.record
+    return _row(rec) | {
+        "flow_ids": list(rec.flows),
+        "in_body_duplicates": rec.in_body_duplicates,
+        "body_bytes": rec.body_bytes,
+        "body_kept": found.body is not None,
+        "imported_at": when(rec.done_at),
+        "attempt_log": [
+            {
+                "attempt": a.n,
+                "started_at": when(a.started_at),
+                "ended_at": when(a.ended_at),
+                "outcome": a.outcome.value if a.outcome is not None else "running",
+                "result": a.summary,
+                "duration_seconds": a.duration,
+                "output": output,
+            }
+            for a, output in zip(rec.attempts, found.outputs, strict=True)
+        ],
+    }
+
+
 def _retry(args: argparse.Namespace) -> int:
-    store, ib = open_store(args)
-    tr = Transitions(ib)
+    backend = open_backend(args)
     if not args.ids and not args.dead:
         raise CommandFailed("give delivery ids or --dead")
-    seqs: list[tuple[str, int | None]] = [(i, ib.find(i)) for i in args.ids]
+    seqs: list[tuple[str | None, int | None]] = [(i, backend.find(i)) for i in args.ids]
     if args.dead:
-        seqs += [(None, s) for s in store.read(tr.dead_seqs_txn)]  # type: ignore[misc]
-    results = []
+        seqs += [(None, s) for s in backend.dead_seqs()]
     now = time.time()
-    for given, seq in seqs:
-        if seq is None:
-            results.append({"delivery_id": given, "result": "not found"})
-            continue
-        outcome = store.write(functools.partial(tr.retry_txn, seq=seq, now=now))
-        results.append({"delivery_id": ib.delivery_id_of(seq), "result": outcome})
+
+    async def retry_all() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for given, seq in seqs:
+            if seq is None:
+                out.append({"delivery_id": given, "result": "not found"})
+            else:
+                result = await backend.retry(seq, now)
+                out.append({"delivery_id": backend.delivery_id(seq), "result": result})
+        return out
+
+    results = _sync(retry_all)
     emit(args, results, lambda: table(results, ["delivery_id", "result"]))
     return EXIT_OK if all(r["result"] == "queued" for r in results) else EXIT_FAILED
 
 
 def _purge(args: argparse.Namespace) -> int:
     age = parse_duration(args.older_than)
-    store, ib = open_store(args)
-    tr = Transitions(ib)
-    cutoff = time.time() - age
-    purged = store.write(lambda txn: tr.purge_txn(txn, cutoff, args.include_dead))
+    backend = open_backend(args)
+    now = time.time()
+    purged = _sync(lambda: backend.purge(now - age, args.include_dead, now))
     doc = {"purged": purged, "older_than_seconds": age, "include_dead": args.include_dead}
     emit(
         args,
@@ -185,39 +172,51 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def flows(args: argparse.Namespace) -> int:
-    store, ib = open_store(args)
-    rows = ib.flows(args.flow_ids)
-    for r in rows:
-        for k in ("received_at", "imported_at"):
-            if r.get(k):
-                r[k] = rfc3339(r[k])
+    backend = open_backend(args)
+    rows = []
+    for found in backend.flows(args.flow_ids):
+        rec = found.record
+        if found.seq is None:
+            rows.append({"flow_id": found.flow_id, "known": False})
+            continue
+        rows.append(
+            {
+                "flow_id": found.flow_id,
+                "known": True,
+                "delivery_id": backend.delivery_id(found.seq),
+                "state": rec.state.value if rec is not None else "unknown",
+                "received_at": when(rec.received_at) if rec is not None else None,
+                "imported_at": when(rec.done_at) if rec is not None else None,
+                "cost_basis_run_id": rec.run_id if rec is not None else None,
+            }
+        )
     cols = ["flow_id", "known", "delivery_id", "state", "received_at", "imported_at"]
     emit(args, rows, lambda: table(rows, cols))
     return EXIT_OK if all(r["known"] for r in rows) else EXIT_FAILED
 
 
-def _run_row(r: dict[str, Any]) -> dict[str, Any]:
+def _run_row(r: RunStats) -> dict[str, Any]:
     return {
-        "run_id": r["run_id"],
-        "ghost_user_id": r.get("ghost_user_id"),
-        "pages": r["pages"],
-        "accepted_pages": r["accepted_pages"],
-        "duplicate_pages": r["duplicate_pages"],
-        "flows_new": r["flows_new"],
-        "flows_duplicate": r["flows_duplicate"],
-        "first_seen": when(r.get("first_seen")),
-        "last_seen": when(r.get("last_seen")),
+        "run_id": r.run_id,
+        "ghost_user_id": r.ghost_user_id,
+        "pages": r.pages,
+        "accepted_pages": r.accepted_pages,
+        "duplicate_pages": r.duplicate_pages,
+        "flows_new": r.flows_new,
+        "flows_duplicate": r.flows_duplicate,
+        "first_seen": when(r.first_seen),
+        "last_seen": when(r.last_seen),
     }
 
 
 def runs(args: argparse.Namespace) -> int:
-    store, ib = open_store(args)
+    backend = open_backend(args)
     if args.action == "list":
-        rows = [_run_row(r) for r in ib.runs(args.limit)]
+        rows = [_run_row(r) for r in backend.runs(args.limit)]
         cols = ["run_id", "pages", "flows_new", "flows_duplicate", "first_seen", "last_seen"]
         emit(args, rows, lambda: table(rows, cols))
         return EXIT_OK
-    run = ib.run(args.run_id)
+    run = backend.run(args.run_id)
     if run is None:
         raise CommandFailed(f"no run {args.run_id}")
     doc = _run_row(run)
@@ -226,20 +225,20 @@ def runs(args: argparse.Namespace) -> int:
 
 
 def rebuild_index(args: argparse.Namespace) -> int:
-    store, ib = open_store(args)
+    backend = open_backend(args)
     started = time.monotonic()
-    with exclusive_store(store.path):
-        claimed = flowindex.rebuild(ib)
+    with backend.maintenance():
+        claimed = backend.rebuild_index()
     doc = {"flow_ids": claimed, "seconds": round(time.monotonic() - started, 3)}
     emit(args, doc, lambda: f"rebuilt the flow index: {claimed} flow ids in {doc['seconds']} s")
     return EXIT_OK
 
 
 def importer(args: argparse.Namespace) -> int:
-    store, ib = open_store(args, must_exist=False)
-    tr = Transitions(ib)
+    backend = open_backend(args, must_exist=False)
     paused = args.action == "pause"
-    store.write(lambda txn: tr.set_paused_txn(txn, paused, f"cli (uid {os.getuid()})"))
+    by = f"cli (uid {os.getuid()})"
+    _sync(lambda: backend.set_paused(paused, by, time.time()))
     if paused:
         print(
             "importer paused: deliveries are still accepted and queued; a running import "
