@@ -13,7 +13,7 @@ Settings (environment variables; BENCH_QUICK=1 shrinks everything for developmen
   BENCH_SEED_FLOWS=1000000,10000000 BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,webhook,import
   BENCH_MAX_RATE=5000 (sizes the unique-id request files) BENCH_KEEP=1 (keep the work directory)
   BENCH_APP_EXE=.venv/bin/ct-appliance (the ct-appliance command to serve the app variants with)
-  BENCH_SEED_COMMAND="python -m appliance.bench_seed" (bulk loader; gets --config CFG --flows N)
+  BENCH_SEED_COMMAND="python bench/seed.py" (the bulk loader, the default; gets --config CFG --flows N)
   BENCH_NICE=-10 (opt-in: run servers and load generators ahead of other work on the machine)
   BENCH_PROFILE=1 (py-spy samples each Python server's saturation run; see bench/pyspy.py)
 Results: printed, and saved under var/bench/ (results-*.json, results-*.md, latest.md).

@@ -11,17 +11,20 @@ sorted first and appended (STACK.md: sorted appends are ~4x faster and ~4x small
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from appliance import config, flowindex  # noqa: E402
-from appliance.inbox import Inbox, flow_key, new_record, seq_key  # noqa: E402
+from appliance import config, flowindex, lifecycle  # noqa: E402
+from appliance.inbox import Inbox, flow_key, seq_key  # noqa: E402
+from appliance.record import AttemptEntry, Outcome, State, encode_record  # noqa: E402
 from appliance.store import Store  # noqa: E402
 
 PER_DELIVERY = 50
@@ -48,28 +51,35 @@ def main() -> int:
             if cur.last():
                 raise SystemExit("bench/seed.py wants a fresh store")
 
-        def records():  # type: ignore[no-untyped-def]
+        attempts = (
+            AttemptEntry(
+                n=1,
+                started_at=now,
+                ended_at=now,
+                outcome=Outcome.SUCCESS,
+                summary="seeded",
+                duration=0.0,
+            ),
+        )
+
+        def records() -> Iterator[tuple[bytes, bytes]]:
             for d in range(deliveries):
-                flows = ids[d * PER_DELIVERY : (d + 1) * PER_DELIVERY]
-                rec = new_record(
-                    d + 1, received_at=now, run=f"seed-run-{d // 20}", user="seed-user", flows=flows
+                flows = tuple(ids[d * PER_DELIVERY : (d + 1) * PER_DELIVERY])
+                rec = lifecycle.accept(
+                    d + 1,
+                    received_at=now,
+                    run_id=f"seed-run-{d // 20}",
+                    ghost_user_id="seed-user",
+                    flows=flows,
                 )
-                rec.update(
-                    state="done",
+                rec = dataclasses.replace(
+                    rec,
+                    state=State.DONE,
                     done_at=now,
                     body_pruned_at=now,
-                    attempts=[
-                        {
-                            "n": 1,
-                            "started_at": now,
-                            "ended_at": now,
-                            "outcome": "success",
-                            "summary": "seeded",
-                            "duration": 0,
-                        }
-                    ],
+                    attempts=attempts,
                 )
-                yield seq_key(d + 1), json.dumps(rec, separators=(",", ":")).encode()
+                yield seq_key(d + 1), encode_record(rec)
 
         with txn.inbox.cursor(db=store.dbs.deliveries) as cur:  # type: ignore[attr-defined]
             cur.putmulti(records(), append=True)

@@ -172,7 +172,7 @@ def seed_template(ctx: Ctx, flows: int) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ctx.root, timeout=1800)
     if done.returncode != 0:
         ctx.template_reasons[flows] = (
-            f"bench_seed exit {done.returncode}: {(done.stdout + done.stderr).strip()[-300:]}"
+            f"bulk loader exit {done.returncode}: {(done.stdout + done.stderr).strip()[-300:]}"
         )
         return
     ctx.seed_seconds[flows] = time.perf_counter() - t0

@@ -13,9 +13,10 @@ import trio
 from appliance import flowindex
 from appliance.committer import GroupCommitter
 from appliance.errors import StoreFull
-from appliance.inbox import Inbox, Incoming, flow_key, key_seq
+from appliance.inbox import Inbox, flow_key, key_seq
 from appliance.intake import Acceptance, accept_txn
 from appliance.payload import Delivery
+from appliance.record import InboxSummary, Incoming, Record, State
 from appliance.store import Store
 
 
@@ -29,6 +30,15 @@ def run_steps(store: Store, op: Acceptance, limit: int = 10_000) -> int:
         if op.committed(store.write_batch([op.step])[0]):
             return n
     raise AssertionError("never finished")
+
+
+def records(store: Store, inbox: Inbox, limit: int = 50) -> list[Record]:
+    """Every record, newest first (at most `limit`)."""
+    return store.read(lambda txn: inbox.records_txn(txn, None, limit, True))
+
+
+def summary(store: Store, inbox: Inbox) -> InboxSummary:
+    return store.read(lambda txn: inbox.summary_txn(txn, size_bytes=0))
 
 
 def owners(store: Store, inbox: Inbox, ids: list[str]) -> dict[str, int | None]:
@@ -49,14 +59,15 @@ def test_a_big_delivery_takes_one_commit_per_slice_and_then_one_to_finish(tmp_pa
     op = Acceptance(inbox, incoming(ids), slice_ids=3)
     assert run_steps(store, op) == 5  # 4 slices of claims, 1 finish that claims nothing
     assert op.result is not None and (op.result.status, op.result.new) == ("accepted", 10)
-    rec = inbox.records()[0]
-    assert rec["state"] == "pending" and rec["flows"] == ids
-    assert inbox.counts()["receiving"] == 0 and inbox.counts()["pending"] == 1
+    rec = records(store, inbox)[0]
+    assert rec.state is State.PENDING and rec.flows == tuple(ids)
+    counts = summary(store, inbox)
+    assert counts.receiving == 0 and counts.pending == 1
     retry = Acceptance(inbox, incoming(ids), slice_ids=3)
     assert run_steps(store, retry) == 4  # probes only; duplicate when the last one is seen
     assert retry.result is not None and retry.result.status == "duplicate"
     assert retry.result.owners == {op.result.seq}
-    assert inbox.counts()["total"] == 1
+    assert summary(store, inbox).total == 1
 
 
 def test_a_small_delivery_is_one_commit_as_before(tmp_path: Path) -> None:
@@ -64,7 +75,7 @@ def test_a_small_delivery_is_one_commit_as_before(tmp_path: Path) -> None:
     inbox = Inbox(store)
     op = Acceptance(inbox, incoming(["a", "b"]), slice_ids=3)
     assert run_steps(store, op) == 1
-    assert inbox.records()[0]["state"] == "pending"
+    assert records(store, inbox)[0].state is State.PENDING
 
 
 def test_interleaved_deliveries_claim_each_flow_id_once(tmp_path: Path) -> None:
@@ -84,10 +95,10 @@ def test_interleaved_deliveries_claim_each_flow_id_once(tmp_path: Path) -> None:
         small_results.append(results[1])
         i += 1
     claimed: dict[str, int] = {}
-    for rec in inbox.records(limit=1000):
-        for fid in rec["flows"]:
+    for rec in records(store, inbox, limit=1000):
+        for fid in rec.flows:
             assert fid not in claimed, fid
-            claimed[fid] = rec["seq"]
+            claimed[fid] = rec.seq
     assert set(claimed) >= set(big)
     assert owners(store, inbox, list(claimed)) == claimed  # the index agrees with the records
     assert op.result is not None
@@ -107,7 +118,7 @@ def test_a_failed_step_answers_at_once_and_finishes_with_what_was_claimed(
     assert op.failed(StoreFull("disk full")) is True
     assert op.committed(store.write_batch([op.step])[0])  # the finish step
     assert op.result is not None and op.result.new == 6
-    assert inbox.records()[0]["flows"] == ids[:6]
+    assert records(store, inbox)[0].flows == tuple(ids[:6])
     # CoinTracker's retry claims the rest as a new delivery: every id once.
     again = store.write(lambda t: accept_txn(inbox, t, incoming(ids)))
     assert (again.status, again.new, again.duplicate) == ("accepted", 4, 6)
@@ -118,7 +129,7 @@ def test_nothing_committed_means_nothing_left_behind(tmp_path: Path) -> None:
     inbox = Inbox(store)
     op = Acceptance(inbox, incoming(["a", "b", "c", "d"]), slice_ids=2)
     assert op.failed(StoreFull("disk full")) is False  # the first step never committed
-    assert inbox.counts()["total"] == 0
+    assert summary(store, inbox).total == 0
 
 
 def test_recovery_finishes_a_delivery_cut_by_a_crash_and_rebuild_agrees(tmp_path: Path) -> None:
@@ -130,16 +141,17 @@ def test_recovery_finishes_a_delivery_cut_by_a_crash_and_rebuild_agrees(tmp_path
     for _ in range(2):
         op.committed(store.write_batch([op.step])[0])
     later = store.write(lambda t: accept_txn(inbox, t, incoming(["f8", "x"])))  # beyond it
-    assert inbox.counts()["receiving"] == 1
+    assert summary(store, inbox).receiving == 1
     store.close()  # the server died here; its sender got no answer
 
     store = Store(tmp_path)
     inbox = Inbox(store)
     out = flowindex.recover(inbox)
     assert out["finished_receiving"] == 1
-    recs = {r["seq"]: r for r in inbox.records()}
-    assert recs[op.seq]["state"] == "pending" and recs[op.seq]["flows"] == ids[:6]  # type: ignore[index]
-    assert recs[later.seq]["flows"] == ["f8", "x"]  # type: ignore[index]
+    recs = {r.seq: r for r in records(store, inbox)}
+    assert op.seq is not None and later.seq is not None
+    assert recs[op.seq].state is State.PENDING and recs[op.seq].flows == tuple(ids[:6])
+    assert recs[later.seq].flows == ("f8", "x")
     before = owners(store, inbox, [*ids, "x"])
     flowindex.rebuild(inbox)
     assert owners(store, inbox, [*ids, "x"]) == before

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import trio
 
-from appliance.inbox import Inbox
-from appliance.store import Store
+from appliance.lmdbbackend import LmdbBackend
 
 from ..conftest import SECRET, Appliance, delivery, sign
 
@@ -167,18 +166,19 @@ async def test_concurrent_overlapping_deliveries_claim_each_flow_once(make_appli
                 nursery.start_soon(send, body)
     assert await trio.to_thread.run_sync(app.stop) == 0
     # Read back from the store itself.
-    store = Store(app.config["store"]["path"])
-    inbox = Inbox(store)
-    records = inbox.records(limit=10_000)
+    backend = LmdbBackend(app.config["store"]["path"])
+    try:
+        records = backend.records(limit=10_000)
+    finally:
+        backend.close()
     claims: dict[str, int] = {}
     for rec in records:
-        for flow in rec["flows"]:
+        for flow in rec.flows:
             assert flow not in claims, f"{flow} claimed by two deliveries"
-            claims[flow] = rec["seq"]
+            claims[flow] = rec.seq
     distinct = {f for b in bodies for f in json.loads(b)["flow_ids"]}
     assert set(claims) == distinct
     assert len(records) == sum(1 for a in answers if a["status"] == "accepted")
-    store.close()
 
 
 def _rss_kib(pid: int) -> int:

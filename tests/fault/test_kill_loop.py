@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
-from appliance.inbox import Inbox
-from appliance.store import Store
+from appliance.lmdbbackend import LmdbBackend
+from appliance.record import State
 
 from ..conftest import Appliance, delivery, sign
 from .helpers import Stopwatch, metric, read_record, recording_importer, report, wait_drained
@@ -147,14 +147,14 @@ def test_kill_9_loop_loses_nothing_and_imports_each_flow_once(
     split = {f: ids for f, ids in imported_by.items() if len(ids) > 1}
     record_reruns = sum(c - 1 for c in Counter(d["delivery_id"] for d in runs).values())
 
-    store = Store(app.tmp / "store")
+    backend = LmdbBackend(app.tmp / "store")
     try:
-        records = Inbox(store).records(limit=10**7)
+        records = backend.records(limit=10**7)
     finally:
-        store.close()
-    inbox_reruns = sum(r.get("reruns", 0) for r in records)
-    states = Counter(r["state"] for r in records)
-    by_id = {r["delivery_id"]: r for r in records}
+        backend.close()
+    inbox_reruns = sum(r.reruns for r in records)
+    states = Counter(r.state for r in records)
+    by_id = {r.delivery_id: r for r in records}
 
     report(
         "kill_loop",
@@ -176,21 +176,21 @@ def test_kill_9_loop_loses_nothing_and_imports_each_flow_once(
         answers=dict(history.answers),
     )
     assert cycles >= 50, f"only {cycles} kill cycles in {LOOP_BUDGET_SECONDS} s"
-    owner = {f: r for r in records for f in r["flows"]}
+    owner = {f: r for r in records for f in r.flows}
     assert not lost, f"{len(lost)} acknowledged flow ids never imported: " + "; ".join(
-        f"{f} in {owner[f]['delivery_id']} {owner[f]['state']} {owner[f]['attempts']}"
+        f"{f} in {owner[f].delivery_id} {owner[f].state} {owner[f].attempts}"
         if f in owner
         else f"{f} not in the store"
         for f in sorted(lost)[:5]
     )
     assert not unexpected, f"imported but never sent: {sorted(unexpected)[:10]}"
     assert not split, f"flow ids imported under two delivery ids: {list(split.items())[:5]}"
-    assert states == {"done": len(records)}, states
+    assert states == {State.DONE: len(records)}, states
     # Every run in the record belongs to a stored delivery and carries exactly its new flow ids.
     for doc in runs:
-        assert doc["flow_ids"] == by_id[doc["delivery_id"]]["flows"], doc["delivery_id"]
+        assert doc["flow_ids"] == list(by_id[doc["delivery_id"]].flows), doc["delivery_id"]
     # A delivery imported twice was interrupted by a kill (a counted re-run), never otherwise.
     twice = {i for i, c in Counter(d["delivery_id"] for d in runs).items() if c > 1}
-    assert all(by_id[i]["reruns"] >= 1 for i in twice)
+    assert all(by_id[i].reruns >= 1 for i in twice)
     assert record_reruns <= inbox_reruns == reruns_metric
     assert len(history.acked) > 500  # the loop did real work

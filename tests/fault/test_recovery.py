@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 
 from appliance import payload
-from appliance.inbox import Inbox, Incoming
+from appliance.inbox import Inbox
 from appliance.intake import accept_txn
-from appliance.lifecycle import Transitions
+from appliance.record import Incoming, PauseState
 from appliance.store import Store
 
 from ..conftest import Appliance, delivery
@@ -37,7 +37,8 @@ def seed(store_path: Path, deliveries: int = SEED_DELIVERIES) -> list[bytes]:
     store = Store(store_path)
     try:
         inbox = Inbox(store)
-        store.write(lambda txn: Transitions(inbox).set_paused_txn(txn, True, "fault test"))
+        paused = PauseState(True, time.time(), "fault test")
+        store.write(lambda txn: inbox.set_paused_txn(txn, paused))
         sample: list[bytes] = []
         now = time.time()
         for start in range(0, deliveries, 1000):
