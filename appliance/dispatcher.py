@@ -11,7 +11,8 @@ once a second so that `inbox retry` and `importer pause|resume` from the CLI tak
 `ack: imported` requests wait here (`wait_imported`) for the outcome of the deliveries they need.
 
 Every time it reads or stores comes from one `Clock` (clock.py), and every wait is a trio wait,
-so tests drive backoff and polling with `trio.testing.MockClock` (tests/test_dispatcher.py).
+so tests drive backoff and polling with `trio.testing.MockClock` (tests/test_dispatcher.py runs
+the store's worker-thread calls inline there, so virtual time moves only when all tasks wait).
 What a result does to a record is decided by lifecycle.py, inside the backend's write.
 """
 
@@ -192,7 +193,11 @@ class Dispatcher:
                 result = AttemptResult(Outcome.DEAD, f"stored body unreadable: {e}", 0.0)
             else:
                 with scope:
-                    result = await attempt(doc)
+                    try:
+                        result = await attempt(doc)
+                    except Exception as e:  # a bug in an attempt kind: retried, never fatal
+                        log.exception("import attempt failed unexpectedly")
+                        result = AttemptResult(Outcome.RETRY, f"internal error: {e!r}"[:200], 0.0)
                 if scope.cancelled_caught:
                     why = "interrupted: appliance stopping"
                     await self._commit(
