@@ -9,7 +9,7 @@
 
 Every write is a transaction function that loads records, applies lifecycle.py and stores the
 result (`Inbox.update_txn`). In the server it joins the group commit; in a CLI command (no
-writer task) it is its own durable transaction on a worker thread. The server holds the
+writer task, no trio imported) it is its own durable transaction, run inline (`run_inline`). The server holds the
 store's lock shared while it runs; maintenance commands (`rebuild-index`) hold it exclusively.
 """
 
@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
-
-import trio
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import flowindex, lifecycle
-from .committer import GroupCommitter
 from .inbox import Inbox, key_seq, parse_delivery_id, probe_txn, seq_key
 from .intake import Acceptance, accept_txn
 from .record import (
@@ -41,6 +38,11 @@ from .record import (
     State,
 )
 from .store import Store, Txn
+
+if TYPE_CHECKING:
+    import trio
+
+    from .committer import GroupCommitter
 
 T = TypeVar("T")
 
@@ -63,7 +65,11 @@ class LmdbBackend:
             self.store.close()
             raise
         self.instance = self.inbox.instance
-        self.committer = GroupCommitter(self.store) if serving else None
+        self.committer: GroupCommitter | None = None
+        if serving:
+            from .committer import GroupCommitter  # trio: only the server needs it
+
+            self.committer = GroupCommitter(self.store)
 
     # -- life -------------------------------------------------------------------------------
     def recover(self) -> dict[str, Any]:
@@ -71,12 +77,13 @@ class LmdbBackend:
         deliveries a crash left `receiving`. What was done, for the log."""
         return flowindex.recover(self.inbox)
 
-    async def run_writer(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """The single writer, until `stop_writes`."""
+    async def run_writer(self, *, task_status: trio.TaskStatus[None] | None = None) -> None:
+        """The single writer, until `stop_writes` (start it with `nursery.start`)."""
         assert self.committer is not None, "open with serving=True"
-        await self.committer.run(task_status=task_status)
+        if task_status is None:
+            await self.committer.run()
+        else:
+            await self.committer.run(task_status=task_status)
 
     def stop_writes(self) -> None:
         """Commit what is queued and the accepts in progress, then let `run_writer` return."""
@@ -119,9 +126,12 @@ class LmdbBackend:
         return self.store.size_bytes()
 
     async def _write(self, fn: Callable[[Txn], T]) -> T:
+        """In the server, join the group commit. Without a writer task (a CLI command, which
+        has no event loop to keep responsive) the write is its own durable transaction, run
+        inline: such a coroutine never suspends, and `run_inline` drives it without trio."""
         if self.committer is not None:
             return await self.committer.submit(fn)
-        return await trio.to_thread.run_sync(self.store.write, fn)
+        return self.store.write(fn)
 
     # -- intake -----------------------------------------------------------------------------
     async def accept(self, item: Incoming) -> Accepted:
@@ -311,3 +321,15 @@ class LmdbBackend:
 
     def delivery_id(self, seq: int) -> str:
         return self.inbox.delivery_id_of(seq)
+
+
+def run_inline(write: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a write of a backend opened without a writer task (the CLI): its coroutine
+    never suspends, so no event loop is needed (and none is imported)."""
+    coro = write()
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a backend write suspended outside an event loop")

@@ -3,7 +3,8 @@
 They open the store directly through its `Backend` (safe beside a running server: LMDB
 serialises writers across processes, and the server's dispatcher re-reads the queue and the
 pause flag at least once a second, so a retry or a pause made here takes effect within 2 s).
-Writes are the backend's async operations, each run with `trio.run`.
+Writes are the backend's async operations, run inline (`lmdbbackend.run_inline`): without a
+writer task they never suspend, so the CLI imports no event loop.
 """
 
 from __future__ import annotations
@@ -11,19 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-import trio
+from typing import Any
 
 from ..durations import format_age, parse_duration
 from ..errors import CommandFailed
-from ..lmdbbackend import LmdbBackend
+from ..lmdbbackend import LmdbBackend, run_inline
 from ..record import Record, RecordDetail, RunStats, State
 from .common import EXIT_FAILED, EXIT_OK, emit, load, table, when
-
-T = TypeVar("T")
 
 
 def open_backend(args: argparse.Namespace, *, must_exist: bool = True) -> LmdbBackend:
@@ -32,10 +28,6 @@ def open_backend(args: argparse.Namespace, *, must_exist: bool = True) -> LmdbBa
     if must_exist and not (path / "data.mdb").exists():
         raise CommandFailed(f"no store at {path} (has the appliance run with this config?)")
     return LmdbBackend(path, initial_map_bytes=cfg.store.initial_map_bytes)
-
-
-def _sync(write: Callable[[], Awaitable[T]]) -> T:
-    return trio.run(write)
 
 
 def _row(rec: Record) -> dict[str, Any]:
@@ -149,7 +141,7 @@ def _retry(args: argparse.Namespace) -> int:
                 out.append({"delivery_id": backend.delivery_id(seq), "result": result})
         return out
 
-    results = _sync(retry_all)
+    results = run_inline(retry_all)
     emit(args, results, lambda: table(results, ["delivery_id", "result"]))
     return EXIT_OK if all(r["result"] == "queued" for r in results) else EXIT_FAILED
 
@@ -158,7 +150,7 @@ def _purge(args: argparse.Namespace) -> int:
     age = parse_duration(args.older_than)
     backend = open_backend(args)
     now = time.time()
-    purged = _sync(lambda: backend.purge(now - age, args.include_dead, now))
+    purged = run_inline(lambda: backend.purge(now - age, args.include_dead, now))
     doc = {"purged": purged, "older_than_seconds": age, "include_dead": args.include_dead}
     emit(
         args,
@@ -238,7 +230,7 @@ def importer(args: argparse.Namespace) -> int:
     backend = open_backend(args, must_exist=False)
     paused = args.action == "pause"
     by = f"cli (uid {os.getuid()})"
-    _sync(lambda: backend.set_paused(paused, by, time.time()))
+    run_inline(lambda: backend.set_paused(paused, by, time.time()))
     if paused:
         print(
             "importer paused: deliveries are still accepted and queued; a running import "
