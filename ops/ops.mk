@@ -6,7 +6,12 @@
 # promtool comes from Debian's prometheus package. On a host run by systemd the package also
 # enables and starts a Prometheus server on :9090; only promtool is wanted here, so it is stopped
 # and disabled again (a no-op in containers without systemd).
+# promtool checks and unit-tests the rules (the tests also evaluate the dashboard's launch-window
+# queries); check_ops.py then does what promtool cannot (see its docstring).
 test-ops:
 	@command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus \
 		&& { systemctl disable --now prometheus >/dev/null 2>&1 || true; })
-	@python3 ops/check_ops.py
+	promtool check rules ops/prometheus/ct-appliance.rules.yml
+	promtool test rules ops/prometheus/ct-appliance.rules.test.yml
+	promtool check config ops/prometheus/prometheus.example.yml
+	python3 ops/check_ops.py
