@@ -1,4 +1,9 @@
-"""Driving a server: wrk (closed loop) and loadgen.py (open loop, exactly-once), on LOAD_CPU."""
+"""Driving a server from LOAD_CPU: wrk for closed-loop saturation, loadgen.py for the rest.
+
+wrk (C, one thread) keeps 64 connections busy with a fraction of one core; a Python client on
+this two-core machine would saturate its own core before the server does. Everything wrk cannot
+do (open-loop pacing, posting a file exactly once, waiting for imports) is loadgen.py.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from servers import LOAD_CPU, pinned
+from loadgen import SIG_HEADER
+from servers import LOAD_CPU
 
 HERE = Path(__file__).resolve().parent
-REPLAY_LUA = HERE / "replay.lua"
-LOADGEN = HERE / "loadgen.py"
-SIG_HEADER = "X-Cointracker-Signature"
 
 
 class LoadError(Exception):
@@ -24,10 +27,11 @@ class LoadError(Exception):
 def wrk(url: str, request_file: Path, seconds: int, connections: int) -> dict[str, Any]:
     """Closed-loop saturation: `connections` keep-alive connections, each sending its next
     request as soon as the previous answer arrived, for `seconds`."""
-    argv = pinned(LOAD_CPU, [
-        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-        "-s", str(REPLAY_LUA), url, "--", str(request_file), SIG_HEADER,
-    ])  # fmt: skip
+    argv = [
+        "taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+        "--timeout", "10s", "-s", str(HERE / "replay.lua"), url, "--", str(request_file),
+        SIG_HEADER,
+    ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -43,30 +47,11 @@ def wrk(url: str, request_file: Path, seconds: int, connections: int) -> dict[st
     raise LoadError(f"wrk gave no result (exit {done.returncode}): {done.stderr.strip()[-500:]}")
 
 
-def _loadgen(args: list[str], timeout: float) -> dict[str, Any]:
-    argv = pinned(LOAD_CPU, [sys.executable, str(LOADGEN), *args])
+def loadgen(*args: str, timeout: float) -> dict[str, Any]:
+    """Run `loadgen.py ARGS` on LOAD_CPU; its JSON result."""
+    argv = ["taskset", "-c", LOAD_CPU, sys.executable, str(HERE / "loadgen.py"), *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0 or not done.stdout.strip():
         raise LoadError(f"loadgen failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
-
-
-def paced(url: str, request_file: Path, rate: float, seconds: float) -> dict[str, Any]:
-    return _loadgen(
-        ["paced", url, str(request_file), "--rate", str(rate), "--seconds", str(seconds)],
-        timeout=seconds + 60,
-    )
-
-
-def once(url: str, request_file: Path, concurrency: int, timeout: float = 300) -> dict[str, Any]:
-    return _loadgen(
-        ["once", url, str(request_file), "--concurrency", str(concurrency)], timeout=timeout
-    )
-
-
-def once_async(url: str, request_file: Path, concurrency: int) -> subprocess.Popen[str]:
-    """Start an exactly-once post in the background (the import variant polls meanwhile)."""
-    args = ["once", url, str(request_file), "--concurrency", str(concurrency)]
-    argv = pinned(LOAD_CPU, [sys.executable, str(LOADGEN), *args])
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

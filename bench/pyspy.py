@@ -1,13 +1,17 @@
-"""BENCH_PROFILE=1: py-spy samples each Python server during its saturation run.
+"""BENCH_PROFILE: py-spy samples each Python server during its saturation run.
 
-The profile is what SPEC §10 asks for when a target is missed: where the server's CPU goes under
+The profile is what SPEC §10 asks for when a target is missed: where the server's time goes under
 the same load the table measures. py-spy (PyPI) is installed on first use into var/bench/tools,
-never into .venv; it samples with --nonblocking (the server is not paused), from the load CPU.
-Figures of a profiled run are a little lower than an unprofiled one; the report says so.
+never into .venv; it samples at 200 Hz with --nonblocking (the server is not paused), from the
+load CPU, aggregated by function. Figures of a profiled run are a little lower; the report says so.
 
-Output per server and round: var/bench/profile-round<N>-<variant>.txt (collapsed stacks, for
-flamegraph tools or speedscope) and a summary in the report: the functions with the most samples,
-on top of the stack (self) and anywhere in it (total).
+Output per server and round, var/bench/profile-round<N>-<variant>.*:
+  BENCH_PROFILE=1    .txt, collapsed stacks (for flamegraph tools or speedscope), and a summary
+                     in the report: the functions with the most samples, on top of the stack
+                     (self) and anywhere in it (total);
+  BENCH_PROFILE=svg  .svg, py-spy's own flame graph (the report links it).
+BENCH_PROFILE_GIL=1 keeps only the samples of the thread holding the GIL (py-spy --gil): where the
+one core's Python time goes, without the worker threads waiting in C (an LMDB commit's fsync).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pathlib import Path
 from servers import LOAD_CPU
 
 PY_SPY_VERSION = "0.4.3"
+# Path prefixes cut from frames: installed packages, the standard library, this checkout.
+_PREFIXES = ("site-packages/", f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/",
+             f"{Path(__file__).resolve().parent.parent}/")  # fmt: skip
 
 
 def ensure_py_spy(tools: Path) -> str:
@@ -37,16 +44,20 @@ def ensure_py_spy(tools: Path) -> str:
     return str(tools / "bin" / "py-spy")
 
 
-def start(py_spy: str, pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+def start(py_spy: str, pid: int, seconds: int, out: Path, gil: bool) -> subprocess.Popen[bytes]:
+    """Record `seconds` of pid into out: an SVG flame graph if out ends in .svg, else raw."""
+    fmt = "flamegraph" if out.suffix == ".svg" else "raw"
     argv = [
         "taskset", "-c", LOAD_CPU, py_spy, "record", "--pid", str(pid), "--duration",
-        str(seconds), "--rate", "200", "--nonblocking", "--function", "--format", "raw",
-        "--output", str(out),
+        str(seconds), "--rate", "200", "--nonblocking", "--function", "--format", fmt,
+        "--output", str(out), *(["--gil"] if gil else []),
     ]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def summarize(path: Path, top: int = 12) -> str:
+    if path.suffix == ".svg":
+        return f"{path.name}: flame graph in {path} (open in a browser)"
     self_count: Counter[str] = Counter()
     total_count: Counter[str] = Counter()
     samples = 0
@@ -80,7 +91,7 @@ def _short(frame: str) -> str:
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
     file = where.rsplit(":", 1)[0]
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+    for marker in _PREFIXES:
         if marker in file:
             file = file.split(marker, 1)[1]
             break

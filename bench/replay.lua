@@ -1,10 +1,10 @@
 -- wrk script: replay pre-signed deliveries from a request file (see payloads.py).
---   wrk ... -s bench/replay.lua URL -- FILE [HEADER]
+--   wrk ... -s bench/replay.lua URL -- FILE HEADER
 -- Each wrk thread takes every n-th line of FILE (its own slice, so flow ids stay unique across
 -- threads) and sends them in order, wrapping around when they run out; `wraps` reports that,
 -- because a wrapped file re-sends known flow ids. Answers are counted by status and by the
 -- appliance's verdict ("accepted" / "duplicate") so the runner can check what path was measured.
--- done() prints one line, "BENCHJSON {...}", that bench/run.py parses.
+-- done() prints one line, "BENCHJSON {...}", that bench/load.py parses.
 
 local threads = {}
 
@@ -20,8 +20,7 @@ accepted, duplicate = 0, 0
 statuses = {}
 
 function init(args)
-  local path = args[1]
-  local header = args[2] or "X-Cointracker-Signature"
+  local path, header = args[1], args[2]
   local nthreads = #threads
   if nthreads == 0 then nthreads = 1 end
   local f = assert(io.open(path, "rb"))
@@ -79,12 +78,9 @@ function done(summary, latency, requests)
   end
   local e = summary.errors
   io.write(string.format(
-    'BENCHJSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    'BENCHJSON {"requests":%d,"duration_us":%d,' ..
     '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,' ..
-    '"accepted":%d,"duplicate":%d,"wraps":%d,"statuses":{%s}}\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
-    acc, dup, wr, table.concat(parts, ",")))
+    '"p50_us":%d,"p99_us":%d,"accepted":%d,"duplicate":%d,"wraps":%d,"statuses":{%s}}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), acc, dup, wr, table.concat(parts, ",")))
 end

@@ -3,19 +3,18 @@
 
 Each round runs every variant once (in rotated order), each on a server started for it, pinned to
 CPU 0, driven from CPU 1: a 1 s wrk warm-up, wrk saturation at 64 connections, then loadgen.py
-paced at 100 requests/s (open loop, latency from the scheduled send time). Ratios to the bare
+paced at 100 requests/s (open loop, latency from the scheduled send). Ratios to the bare
 server are taken within each round, then the median over rounds is reported. Start-up (exec to
 /readyz 200) is measured apart, several runs each. Every server started is stopped, even on error.
 
 Settings (environment variables; BENCH_QUICK=1 shrinks everything for development):
   BENCH_ROUNDS=3 BENCH_SATURATION_SECONDS=8 BENCH_PACED_SECONDS=8 BENCH_PACED_RATE=100
   BENCH_WARMUP_SECONDS=1 BENCH_CONNECTIONS=64 BENCH_STARTUP_RUNS=5 BENCH_IMPORT_DELIVERIES=1000
-  BENCH_SEED_FLOWS=1000000,10000000 BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,webhook,import
-  BENCH_MAX_RATE=5000 (sizes the unique-id request files) BENCH_KEEP=1 (keep the work directory)
+  BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,webhook,import,importhttp
+  BENCH_MAX_RATE=5000 (sizes the unique-id request files)
   BENCH_APP_EXE=.venv/bin/ct-appliance (the ct-appliance command to serve the app variants with)
-  BENCH_SEED_COMMAND="python bench/seed.py" (the bulk loader, the default; gets --config CFG --flows N)
-  BENCH_NICE=-10 (opt-in: run servers and load generators ahead of other work on the machine)
-  BENCH_PROFILE=1 (py-spy samples each Python server's saturation run; see bench/pyspy.py)
+  BENCH_PROFILE=1|svg (py-spy samples each Python server's saturation run; see bench/pyspy.py)
+  BENCH_PROFILE_GIL=1 (only the thread holding the GIL)
 Results: printed, and saved under var/bench/ (results-*.json, results-*.md, latest.md).
 """
 
@@ -48,6 +47,7 @@ from variants import Ctx, NotAvailable, Variant  # noqa: E402
 ROOT = HERE.parent
 RESULTS = ROOT / "var" / "bench"
 DEBIAN_TOOLS = {"wrk": "wrk", "webhook": "webhook"}
+IMPORT_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,10 @@ class Settings:
     connections: int
     startup_runs: int
     import_deliveries: int
-    import_timeout_seconds: float
-    seed_flows: list[int]
     variants: list[str] | None
     max_rate: int
-    keep: bool
-    profile: bool
+    profile: str  # "", "1" (collapsed stacks and a summary) or "svg" (flame graphs)
+    profile_gil: bool
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -79,6 +77,7 @@ class Settings:
             return quick_default if quick and quick_default is not None else default
 
         chosen = env.get("BENCH_VARIANTS")
+        profile = env.get("BENCH_PROFILE", "")
         return cls(
             quick=quick,
             rounds=int(num("BENCH_ROUNDS", 3, 1)),
@@ -89,14 +88,10 @@ class Settings:
             connections=int(num("BENCH_CONNECTIONS", 64)),
             startup_runs=int(num("BENCH_STARTUP_RUNS", 5, 2)),
             import_deliveries=int(num("BENCH_IMPORT_DELIVERIES", 1000, 200)),
-            import_timeout_seconds=num("BENCH_IMPORT_TIMEOUT_SECONDS", 120, 30),
-            seed_flows=[
-                int(x) for x in env.get("BENCH_SEED_FLOWS", "1000000,10000000").split(",") if x
-            ],
             variants=[v.strip() for v in chosen.split(",") if v.strip()] if chosen else None,
             max_rate=int(num("BENCH_MAX_RATE", 5000)),
-            keep=env.get("BENCH_KEEP", "") not in ("", "0"),
-            profile=env.get("BENCH_PROFILE", "") not in ("", "0"),
+            profile="svg" if profile == "svg" else "" if profile in ("", "0") else "1",
+            profile_gil=env.get("BENCH_PROFILE_GIL", "") not in ("", "0"),
         )
 
 
@@ -136,19 +131,23 @@ def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
         core0, gen0 = servers.cpu_ticks(servers.SERVER_CPU), servers.cpu_ticks(servers.LOAD_CPU)
         spy = None
         if ctx.py_spy and v.key != "webhook":
-            out = RESULTS / f"profile-{rdir.name}.txt"
-            spy = (pyspy.start(ctx.py_spy, server.pid, s.saturation_seconds, out), out)
+            out = RESULTS / f"profile-{rdir.name}.{'svg' if s.profile == 'svg' else 'txt'}"
+            out.unlink(missing_ok=True)
+            spy = pyspy.start(ctx.py_spy, server.pid, s.saturation_seconds, out, s.profile_gil)
         cpu0, t0 = servers.cpu_seconds(server.pid), time.perf_counter()
         sat = load.wrk(target.url, target.sat, s.saturation_seconds, s.connections)
         cpu1, t1 = servers.cpu_seconds(server.pid), time.perf_counter()
         if spy is not None:
-            _, err = spy[0].communicate(timeout=60)
-            if spy[1].exists():
-                row["profile"] = str(spy[1])
+            _, err = spy.communicate(timeout=60)
+            if out.exists():
+                row["profile"] = str(out)
             else:
                 row["notes"].append(f"py-spy: {err.decode(errors='replace').strip()[-200:]}")
         core1, gen1 = servers.cpu_ticks(servers.SERVER_CPU), servers.cpu_ticks(servers.LOAD_CPU)
-        paced = load.paced(target.url, target.paced, s.paced_rate, s.paced_seconds)
+        paced = load.loadgen(
+            "paced", target.url, str(target.paced), "--rate", str(s.paced_rate),
+            "--seconds", str(s.paced_seconds), timeout=s.paced_seconds + 60,
+        )  # fmt: skip
         row["private_mib"], row["anon_mib"] = servers.memory_mib(server.pid) or (None, None)
         if not server.alive():
             raise RuntimeError(f"{v.key} server died; log tail:\n{server.log_tail()}")
@@ -203,119 +202,53 @@ def _check_path(key: str, row: dict[str, Any], sat: dict[str, Any], paced: dict[
         row["notes"].append(f"{sat['accepted']} accepted answers on the duplicate path")
 
 
-def _find_done(doc: Any, path: str = "") -> list[tuple[str, int]]:
-    found = []
-    if isinstance(doc, dict):
-        for k, val in doc.items():
-            p = f"{path}.{k}" if path else str(k)
-            if k == "done" and isinstance(val, int) and not isinstance(val, bool):
-                found.append((p, val))
-            else:
-                found.extend(_find_done(val, p))
-    elif isinstance(doc, list):
-        for i, val in enumerate(doc):
-            found.extend(_find_done(val, f"{path}[{i}]"))
-    return found
-
-
-def imported_count(ctx: Ctx, admin: int, cfg: Path) -> int | None:
-    """Deliveries in state done: GET /status on the admin listener, else `status --json`."""
-    docs = []
-    got = servers.http_get(admin, "/status")
-    if got and got[0] == 200:
-        try:
-            docs.append(json.loads(got[1]))
-        except ValueError:
-            pass
-    if not docs:
-        argv = [str(ctx.app_exe), "status", "--json", "--config", str(cfg)]
-        done = subprocess.run(
-            ["taskset", "-c", servers.LOAD_CPU, *argv], capture_output=True, text=True, timeout=30
-        )
-        if done.returncode == 0:
-            try:
-                docs.append(json.loads(done.stdout))
-            except ValueError:
-                pass
-    for doc in docs:
-        found = _find_done(doc)
-        found.sort(key=lambda pv: (0 if "inbox" in pv[0] else 1, len(pv[0])))
-        if found:
-            return found[0][1]
-    return None
-
-
-def run_import(ctx: Ctx, s: Settings, rdir: Path, http: bool = False) -> dict[str, Any]:
-    """Deliveries imported per second; `http`: importer.url pointing at a trivial service (the
-    bare ASGI server, on the load CPU) instead of the /bin/true command."""
+def run_import(ctx: Ctx, rdir: Path, http: bool) -> dict[str, Any]:
+    """Deliveries imported per second: post the import file at concurrency 8 while the importer
+    runs, until /status counts them all done. `http`: importer.url pointing at a trivial service
+    (the bare ASGI server, on the load CPU) instead of the /bin/true command."""
     store = rdir / "store"
-    service = None
-    importer_url = None
+    service, importer_url = None, None
     if http:
-        port = servers.free_port()
-        argv = [sys.executable, str(HERE / "bare_asgi.py"), "--bind", f"127.0.0.1:{port}"]
-        service = servers.start(
-            "import-service", argv, rdir / "service.log", port, "/", cpu=servers.LOAD_CPU
+        service, port = variants.start_bare(
+            "import-service", rdir / "service.log", servers.LOAD_CPU
         )
         importer_url = f"http://127.0.0.1:{port}/import"
     try:
-        server, url, admin, cfg, notes = variants.start_app(
-            ctx, rdir, store, pause=False, importer_url=importer_url
-        )
-    except BaseException:
-        if service is not None:
-            service.stop()
-        raise
-    try:
-        if imported_count(ctx, admin, cfg) is None:
-            raise NotAvailable("no count of done deliveries in admin /status or `status --json`")
-        n = s.import_deliveries
-        cpu0, t0 = servers.cpu_seconds(server.pid), time.perf_counter()
-        poster = load.once_async(url, ctx.files["import"], concurrency=8)
-        posted: dict[str, Any] | None = None
-        done, t_done = 0, None
-        deadline = t0 + s.import_timeout_seconds
-        while time.perf_counter() < deadline:
-            if posted is None and poster.poll() is not None:
-                out, err = poster.communicate()
-                if poster.returncode != 0:
-                    raise RuntimeError(f"posting failed: {err.strip()[-300:]}")
-                posted = json.loads(out.strip().splitlines()[-1])
-                n = int(posted["accepted"])
-            done = imported_count(ctx, admin, cfg) or 0
-            if posted is not None and done >= n:
-                t_done = time.perf_counter()
-                break
-            time.sleep(0.1)
-        cpu1 = servers.cpu_seconds(server.pid)
-        memory = servers.memory_mib(server.pid) or (None, None)
-        if posted is None:
-            poster.kill()
-            poster.communicate()
-            raise RuntimeError("posting did not finish in time")
-        elapsed = (t_done or time.perf_counter()) - t0
-        if t_done is None:
-            notes.append(f"only {done}/{n} imported after {s.import_timeout_seconds:.0f} s")
-        row: dict[str, Any] = {
-            "kind": "import",
-            "rps": done / elapsed,
-            "cpu_ms": (cpu1 - cpu0) * 1000 / done if done else None,
-            "busy_pct": (cpu1 - cpu0) * 100 / elapsed,
-            "private_mib": memory[0],
-            "anon_mib": memory[1],
-            "post_s": posted["elapsed_s"],
-            "drain_s": elapsed,
-            "ready_s": server.ready_seconds,
-            "errors": sum(v for k, v in posted["statuses"].items() if not k.startswith("2"))
-            + int(posted["errors"]),
-            "notes": notes + [f"{n} deliveries posted at concurrency 8 while importing"],
-        }
-        return row
+        server, url, admin = variants.start_app(ctx, rdir, store, False, importer_url)
+        try:
+            cpu0 = servers.cpu_seconds(server.pid)
+            posted = load.loadgen(
+                "once", url, str(ctx.files["import"]), "--concurrency", "8",
+                "--until-done", f"http://127.0.0.1:{admin}/status",
+                "--timeout-seconds", str(IMPORT_TIMEOUT_SECONDS),
+                timeout=IMPORT_TIMEOUT_SECONDS + 300,
+            )  # fmt: skip
+            cpu1 = servers.cpu_seconds(server.pid)
+            memory = servers.memory_mib(server.pid) or (None, None)
+        finally:
+            server.stop()
     finally:
-        server.stop()
         if service is not None:
             service.stop()
         variants.remove_store(store)
+    n, done, elapsed = int(posted["accepted"]), int(posted["done"]), float(posted["done_s"])
+    notes = [f"{n} deliveries posted at concurrency 8 while importing"]
+    if done < n:
+        notes.append(f"only {done}/{n} imported after {IMPORT_TIMEOUT_SECONDS:.0f} s")
+    return {
+        "kind": "import",
+        "rps": done / elapsed,
+        "cpu_ms": (cpu1 - cpu0) * 1000 / done if done else None,
+        "busy_pct": (cpu1 - cpu0) * 100 / elapsed,
+        "private_mib": memory[0],
+        "anon_mib": memory[1],
+        "post_s": posted["elapsed_s"],
+        "drain_s": elapsed,
+        "ready_s": server.ready_seconds,
+        "errors": sum(v for k, v in posted["statuses"].items() if not k.startswith("2"))
+        + int(posted["errors"]),
+        "notes": notes,
+    }
 
 
 # --- start-up ------------------------------------------------------------------------------------
@@ -337,14 +270,7 @@ def measure_startup(ctx: Ctx, s: Settings) -> dict[str, dict[str, Any]]:
             rdir.mkdir()
             try:
                 if exe is None:
-                    port = servers.free_port()
-                    argv = [
-                        sys.executable,
-                        str(HERE / "bare_asgi.py"),
-                        "--bind",
-                        f"127.0.0.1:{port}",
-                    ]
-                    server = servers.start("bare", argv, rdir / "server.log", port, "/")
+                    server, _ = variants.start_bare("bare", rdir / "server.log")
                 else:
                     if ctx.app_reason:
                         raise NotAvailable(ctx.app_reason)
@@ -423,7 +349,7 @@ def main() -> int:
         if s.profile:
             ctx.py_spy = pyspy.ensure_py_spy(RESULTS / "tools")
         machine = report.machine(ROOT, work, ctx.app_exe)
-        chosen = variants.all_variants(s.seed_flows)
+        chosen = variants.all_variants()
         if s.variants:
             chosen = [v for v in chosen if v.key in s.variants]
         keys = ", ".join(v.key for v in chosen)
@@ -433,15 +359,12 @@ def main() -> int:
         ctx.app_reason = variants.check_app(ctx)
         if ctx.app_reason:
             say(f"ct-appliance variants not available: {ctx.app_reason}")
-        ctx.seed_reason = variants.seed_available(ctx)
         for v in chosen:
-            flows = variants.seeded_flows(v.key, s.seed_flows)
-            if flows is not None:
-                if not ctx.seed_reason:
-                    say(f"seeding a store with {flows:,} flow ids")
-                variants.seed_template(ctx, flows)
-                if flows in ctx.seed_seconds:
-                    say(f"  seeded in {ctx.seed_seconds[flows]:.1f} s")
+            if v.seed_flows is not None:
+                say(f"seeding a store with {v.seed_flows:,} flow ids")
+                variants.seed_template(ctx, v.seed_flows)
+                if v.seed_flows in ctx.seed_seconds:
+                    say(f"  seeded in {ctx.seed_seconds[v.seed_flows]:.1f} s")
         rounds: list[dict[str, dict[str, Any]]] = []
         reasons: dict[str, str] = {}
         for r in range(s.rounds if chosen else 0):
@@ -455,21 +378,15 @@ def main() -> int:
                 rdir.mkdir()
                 t0 = time.perf_counter()
                 try:
-                    rnd[v.key] = (
-                        run_import(ctx, s, rdir, http=v.key == "importhttp")
+                    row = rnd[v.key] = (
+                        run_import(ctx, rdir, http=v.key == "importhttp")
                         if v.kind == "import"
                         else run_http(ctx, s, v, rdir)
                     )
-                    row = rnd[v.key]
-                    say(
-                        f"round {r + 1} {v.key}: {row['rps']:,.0f}/s"
-                        + (
-                            f", paced p99 {row['paced_p99_ms']:.1f} ms"
-                            if row.get("paced_p99_ms")
-                            else ""
-                        )
-                        + f" ({time.perf_counter() - t0:.0f} s)"
-                    )
+                    p99 = row.get("paced_p99_ms")
+                    paced = f", paced p99 {p99:.1f} ms" if p99 else ""
+                    say(f"round {r + 1} {v.key}: {row['rps']:,.0f}/s{paced} "
+                        f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
                 except NotAvailable as e:
                     reasons[v.key] = str(e)
                     say(f"round {r + 1} {v.key}: not available: {e}")
@@ -499,10 +416,7 @@ def main() -> int:
         return 0
     finally:
         servers.stop_all()
-        if s.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def render(
@@ -521,8 +435,7 @@ def render(
         f"Medians of {s.rounds} round(s); saturation: wrk, {s.connections} connections, "
         f"{s.saturation_seconds} s after a {s.warmup_seconds} s warm-up; paced: "
         f"{s.paced_rate:.0f} requests/s for {s.paced_seconds:.0f} s, open loop, latency from the "
-        f"scheduled send. Server on CPU {servers.SERVER_CPU}, load on CPU {servers.LOAD_CPU}"
-        f"{f', both at nice {servers.NICE}' if servers.NICE else ''}. "
+        f"scheduled send. Server on CPU {servers.SERVER_CPU}, load on CPU {servers.LOAD_CPU}. "
         f"Whole run {seconds / 60:.1f} min.",
         "",
         "| machine | |",
@@ -557,7 +470,8 @@ def render(
     lines += [report.targets(rows, startup), ""]
     profiles = [p for rnd in rounds for r in rnd.values() if (p := r.get("profile"))]
     if profiles:
-        lines += ["### Profiles (BENCH_PROFILE=1: figures above were taken under py-spy)", ""]
+        gil = "; GIL holder only" if s.profile_gil else ""
+        lines += [f"### Profiles (py-spy{gil}: figures above were taken under it)", ""]
         for path in profiles:
             lines += [pyspy.summarize(Path(path)), ""]
     return "\n".join(lines)

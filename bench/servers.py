@@ -17,21 +17,13 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from loadgen import get
 
 SERVER_CPU = "0"
 LOAD_CPU = "1"
-# BENCH_NICE=-10 runs servers and generators ahead of other work on a shared machine (opt-in).
-NICE = int(os.environ.get("BENCH_NICE", "0") or 0)
-
-
-def pinned(cpu: str, argv: list[str]) -> list[str]:
-    """argv run on one CPU (and at BENCH_NICE priority, when set)."""
-    prefix = ["nice", "-n", str(NICE)] if NICE else []
-    return [*prefix, "taskset", "-c", cpu, *argv]
-
-
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _live: list[Server] = []
@@ -41,74 +33,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _get(port: int, path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
-
-
-def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
-    """Status of GET path on 127.0.0.1:port, or None if nothing answers."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(_get(port, path))
-            data = b""
-            while b"\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
-        return None
-    parts = data.split(b" ", 2)
-    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-        return int(parts[1])
-    return None
-
-
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(_get(port, path))
-            chunks: list[bytes] = []
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                # Stop at Content-Length: a server may keep the socket open after answering.
-                data = b"".join(chunks)
-                head, sep, body = data.partition(b"\r\n\r\n")
-                if sep:
-                    for line in head.split(b"\r\n")[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length" and len(body) >= int(value):
-                            break
-                    else:
-                        continue
-                    break
-    except OSError:
-        return None
-    data = b"".join(chunks)
-    head, _, body = data.partition(b"\r\n\r\n")
-    parts = head.split(b" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        return None
-    if b"transfer-encoding: chunked" in head.lower():
-        body = _dechunk(body)
-    return int(parts[1]), body
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = []
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
-        if size == 0:
-            break
-        out.append(rest[:size])
-        body = rest[size + 2 :]
-    return b"".join(out)
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -179,7 +103,6 @@ class Server:
     proc: subprocess.Popen[bytes]
     log_path: Path
     ready_seconds: float | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -227,27 +150,26 @@ def start(
     ready_path: str,
     need_200: bool = True,
     timeout: float = 30.0,
-    env: dict[str, str] | None = None,
-    cpu: str | None = None,
+    cpu: str = SERVER_CPU,
 ) -> Server:
-    """Exec argv pinned to `cpu` (default SERVER_CPU); return once GET ready_path answers."""
+    """Exec argv pinned to `cpu`; return once GET ready_path answers (200, unless need_200 is
+    false), polled every 5 ms: ready_seconds is exec to that answer."""
     log = open(log_path, "ab")
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        pinned(cpu or SERVER_CPU, argv),
+        ["taskset", "-c", cpu, *argv],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env=env,
     )
     log.close()
     server = Server(name, proc, log_path)
     _live.append(server)
     deadline = t0 + timeout
     while time.perf_counter() < deadline:
-        status = http_status(ready_port, ready_path, timeout=0.5)
-        if status is not None and (status == 200 or not need_200):
+        answer = get(ready_port, ready_path, timeout=0.5)
+        if answer is not None and (answer[0] == 200 or not need_200):
             server.ready_seconds = time.perf_counter() - t0
             return server
         if proc.poll() is not None:
