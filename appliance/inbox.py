@@ -49,7 +49,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 
-from . import lifecycle
+from . import jsoncodec, lifecycle
 from .record import (
     FlowOwner,
     InboxSummary,
@@ -253,10 +253,12 @@ class Inbox:
     def count_page_txn(
         self, txn: Txn, run_id: str, user: str, now: float, new: int, dup: int
     ) -> None:
-        key = flow_key(run_id)
-        raw = txn.get(key, db=self.dbs.runs)
-        run = decode_run(raw) if raw is not None else RunStats(run_id, user, now, now)
-        txn.put(key, encode_run(run.counted(now, new, dup)), db=self.dbs.runs)
+        key, runs = flow_key(run_id), self.dbs.runs
+        run = txn.staged(runs, key)
+        if run is None:
+            raw = txn.get(key, db=runs)
+            run = decode_run(raw) if raw is not None else RunStats(run_id, user, now, now)
+        txn.stage(runs, key, run.counted(now, new, dup), encode_run)
 
     # -- the importer's queue ---------------------------------------------------------------
     def due_txn(
@@ -369,12 +371,15 @@ class Inbox:
         return rows[:limit]
 
     def run_txn(self, txn: Txn, run_id: str) -> RunStats | None:
-        raw = txn.get(flow_key(run_id), db=self.dbs.runs)
+        key = flow_key(run_id)
+        staged: RunStats | None = txn.staged(self.dbs.runs, key)
+        if staged is not None:
+            return staged
+        raw = txn.get(key, db=self.dbs.runs)
         return decode_run(raw) if raw is not None else None
 
 
-def _dumps(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+_dumps = jsoncodec.dumps
 
 
 def probe_txn(store: Store) -> Callable[[Txn], None]:

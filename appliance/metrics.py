@@ -278,12 +278,13 @@ class Metrics:
         )
         self.info = Info("ct_appliance", "Build and mode", registry=r)
         self.window = Window()
-        for result in ("new", "duplicate"):
-            self.flow_ids.labels(result)
+        # The children the request path counts into, looked up once (labels() per request is
+        # a lock and a tuple of strings each time).
+        self._new_flows = self.flow_ids.labels("new")
+        self._duplicate_flows = self.flow_ids.labels("duplicate")
         # Every answer the webhook can give exists from the start at 0, so rate() in
         # Prometheus counts the first occurrence of each outcome too.
-        for outcome, status in ANSWERS:
-            self.requests.labels(outcome, str(status))
+        self._answers = {(o, s): self.requests.labels(o, str(s)) for o, s in ANSWERS}
         for mode in ("hmac", "bearer"):
             self.signature_failures.labels(mode)
         for result in ("success", "retry", "dead"):
@@ -299,9 +300,16 @@ class Metrics:
         self.registry.register(_LimitsCollector(read))
 
     def request(self, outcome: str, status: int, seconds: float) -> None:
-        self.requests.labels(outcome, str(status)).inc()
+        child = self._answers.get((outcome, status))
+        if child is None:
+            child = self.requests.labels(outcome, str(status))
+        child.inc()
         self.duration.observe(seconds)
         self.window.request(outcome, status, seconds)
+
+    def flows(self, new: int, duplicate: int) -> None:
+        self._new_flows.inc(new)
+        self._duplicate_flows.inc(duplicate)
 
     def imported(self, result: str, seconds: float | None = None) -> None:
         self.imports.labels(result).inc()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from . import jsoncodec
 from .payload import Delivery
 
 
@@ -334,5 +335,4 @@ class Started:
     body: bytes
 
 
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+_dumps = jsoncodec.dumps

@@ -115,7 +115,7 @@ class Txn:
     """One operation's view of both environments: inbox calls go to the inbox transaction,
     calls naming an index database go to the index transaction (begun on first use)."""
 
-    __slots__ = ("inbox", "_index", "_index_env", "_index_dbs", "_write")
+    __slots__ = ("inbox", "_index", "_index_env", "_index_dbs", "_write", "_staged")
 
     def __init__(self, inbox: Any, index_env: Any, index_dbs: frozenset[int], write: bool) -> None:
         self.inbox = inbox
@@ -123,6 +123,7 @@ class Txn:
         self._index_env = index_env
         self._index_dbs = index_dbs
         self._write = write
+        self._staged: dict[tuple[int, bytes], tuple[Any, Any, Callable[[Any], bytes]]] = {}
 
     @property
     def index(self) -> Any:
@@ -151,15 +152,30 @@ class Txn:
     def drop(self, db: Any, delete: bool = True) -> Any:
         return self.route(db).drop(db, delete=delete)
 
+    def stage(self, db: Any, key: bytes, value: Any, encode: Callable[[Any], bytes]) -> None:
+        """Write `encode(value)` under `key` at commit, once, whatever was staged before it:
+        a value many operations of one group commit update (a run's counters) is decoded and
+        encoded once per commit instead of once per operation."""
+        self._staged[(id(db), key)] = (db, value, encode)
+
+    def staged(self, db: Any, key: bytes) -> Any:
+        """The value staged for `key` in this transaction, or None."""
+        entry = self._staged.get((id(db), key))
+        return entry[1] if entry is not None else None
+
     def finish(self, commit: bool) -> None:
-        """Inbox first (durable), then the index; any failure aborts what is left."""
+        """Staged values, then the inbox (durable), then the index; any failure aborts what
+        is left."""
         index, self._index = self._index, None
         try:
             if commit:
+                for (_, key), (db, value, encode) in self._staged.items():
+                    self.route(db).put(key, encode(value), db=db)
                 self.inbox.commit()
             else:
                 self.inbox.abort()
         except BaseException:
+            self.inbox.abort()  # a no-op after a commit that failed (py-lmdb)
             if index is not None:
                 index.abort()
             raise
