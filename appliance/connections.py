@@ -132,7 +132,10 @@ class LimitedTCPServer(TCPServer):
             return
         if self._gate is not None:
             self._gate.set_idle(self, event.idle)
-        # The idle timer is (re)started from the task that finished the response; for a route
+        if not event.idle:  # a request began: sent by the connection's own reading task
+            await super().protocol_send(event)
+            return
+        # The idle timer is restarted from the task that finished the response; for a route
         # Quart serves, that task is being cancelled (Quart ends its request nursery on the
         # http.disconnect Hypercorn queues as the stream closes), and upstream the restart was
         # lost: the connection then had no keep-alive timeout at all. Shielded, it always runs.

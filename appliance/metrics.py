@@ -9,6 +9,7 @@ the same linear interpolation as PromQL's `histogram_quantile`, so both agree.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,10 +65,7 @@ class Window:
         b = self._bucket()
         key = (outcome, status)
         b.by_outcome[key] = b.by_outcome.get(key, 0) + 1
-        i = 0
-        while i < len(LATENCY_BUCKETS) and seconds > LATENCY_BUCKETS[i]:
-            i += 1
-        b.latency[i] += 1
+        b.latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bound >= seconds
 
     def imported(self, result: str) -> None:
         b = self._bucket()
