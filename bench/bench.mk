@@ -4,3 +4,8 @@
 
 bench: $(STAMP)
 	@$(PY) bench/run.py
+
+#   make bench-paired  this build's CPU per delivery against bare Hypercorn-trio, both on one core at once
+.PHONY: bench-paired
+bench-paired: $(STAMP)
+	@$(PY) bench/paired.py $(BENCH_PAIRED_ARGS)

@@ -55,7 +55,7 @@ SERIES = {f"ct_appliance_{m}" for m in METRICS} | {
 LABEL_VALUES = {
     "outcome": set(
         "accepted duplicate injected_failure unauthorized invalid_json invalid_payload too_large"
-        " body_timeout unavailable internal not_found method_not_allowed import_failed".split()
+        " body_timeout overloaded unavailable internal not_found method_not_allowed import_failed".split()
     ),
     "status": {"200", "400", "401", "404", "405", "413", "500", "503"},
     "result": {"new", "duplicate", "success", "retry", "dead"},
