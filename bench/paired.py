@@ -20,6 +20,7 @@ this is the tool for deciding whether a change to the request path helps.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import shutil
 import statistics
@@ -39,6 +40,7 @@ import variants  # noqa: E402
 from variants import Ctx  # noqa: E402
 
 CONNECTIONS = 32  # per server: the 64 of `make bench`, shared
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _start(ctx: Ctx, exe: str | None, rdir: Path) -> tuple[servers.Server, str]:
@@ -51,12 +53,22 @@ def _start(ctx: Ctx, exe: str | None, rdir: Path) -> tuple[servers.Server, str]:
     return server, url
 
 
+def _main_thread_seconds(pid: int) -> float:
+    """CPU seconds of the process's first thread: the event loop (the rest are worker threads,
+    the group commit's among them)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def _load(url: str, file: Path, seconds: int, out: dict[str, Any], key: str) -> None:
     out[key] = load.wrk(url, file, seconds, CONNECTIONS)
 
 
-def one_round(ctx: Ctx, a: str | None, b: str, seconds: int, n: int) -> tuple[float, float, float]:
-    """(A's CPU ms per request, B's, A's over B's) with A and B loaded at the same time."""
+def one_round(
+    ctx: Ctx, a: str | None, b: str, seconds: int, n: int
+) -> tuple[float, float, float, float]:
+    """(A's CPU ms per request, B's, A's over B's, B's event-loop thread's ms per request)
+    with A and B loaded at the same time."""
     rdir = ctx.work / f"round{n}"
     sa, ua = _start(ctx, a, rdir / "a")
     try:
@@ -66,6 +78,7 @@ def one_round(ctx: Ctx, a: str | None, b: str, seconds: int, n: int) -> tuple[fl
             _load(ua, ctx.files["warm-a"], 1, warm, "a")
             _load(ub, ctx.files["warm-b"], 1, warm, "b")
             ca, cb = servers.cpu_seconds(sa.pid), servers.cpu_seconds(sb.pid)
+            lb = _main_thread_seconds(sb.pid)
             got: dict[str, Any] = {}
             threads = [
                 threading.Thread(target=_load, args=(ua, ctx.files["sat-a"], seconds, got, "a")),
@@ -77,6 +90,7 @@ def one_round(ctx: Ctx, a: str | None, b: str, seconds: int, n: int) -> tuple[fl
                 t.join()
             ma = 1000 * (servers.cpu_seconds(sa.pid) - ca) / got["a"]["requests"]
             mb = 1000 * (servers.cpu_seconds(sb.pid) - cb) / got["b"]["requests"]
+            loop_b = 1000 * (_main_thread_seconds(sb.pid) - lb) / got["b"]["requests"]
             for key, row in got.items():
                 if row["errors"].get("status") or row.get("wraps"):
                     print(f"  warning: {key} had errors or re-sent ids: {row['errors']}")
@@ -84,7 +98,7 @@ def one_round(ctx: Ctx, a: str | None, b: str, seconds: int, n: int) -> tuple[fl
             sb.stop()
     finally:
         sa.stop()
-    return ma, mb, ma / mb
+    return ma, mb, ma / mb, loop_b
 
 
 def main() -> int:
@@ -110,9 +124,13 @@ def main() -> int:
         print(f"A = {label}, B = {args.app}: CPU ms per request, both on CPU 0 at once")
         ratios = []
         for n in range(1, args.rounds + 1):
-            ma, mb, r = one_round(ctx, args.against, args.app, args.seconds, n)
+            ma, mb, r, loop_b = one_round(ctx, args.against, args.app, args.seconds, n)
             ratios.append(r)
-            print(f"round {n}: A {ma:.3f}  B {mb:.3f}  B x A by CPU {r:.3f}", flush=True)
+            print(
+                f"round {n}: A {ma:.3f}  B {mb:.3f} (event loop {loop_b:.3f}, worker threads "
+                f"{mb - loop_b:.3f})  B x A by CPU {r:.3f}",
+                flush=True,
+            )
         print(
             f"B x A by CPU: median {statistics.median(ratios):.3f}, "
             f"range {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} rounds"
