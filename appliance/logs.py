@@ -19,7 +19,8 @@ _STD = set(vars(logging.makeLogRecord({})))
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line. The request path writes one line per delivery, so the
-    formatter keeps one encoder and the timestamp text of the current second."""
+    formatter encodes with orjson (jsoncodec) and keeps the timestamp text of the current
+    second."""
 
     def __init__(self) -> None:
         super().__init__()
