@@ -23,9 +23,9 @@ Sub-databases of the one LMDB environment (see store.py):
   and importers is ``<instance>-<seq>``, where the instance id is drawn once when the store is
   created, so ids never repeat even if a store is wiped and recreated.
 * Accepting a delivery is a group-commit operation of one step (a big delivery: one step per
-  slice of flow ids, see intake.py): for every distinct flow id of the body,
-  ``put(flow key, seq, overwrite=False)`` claims it if nobody has (one C call answers "was it
-  new"). If at least one was new, the record, the body and a queue entry are written in the
+  slice of flow ids, see intake.py): the distinct flow ids of the body are put as
+  ``(flow key, seq)`` with ``overwrite=False`` (one ``putmulti`` call), which claims each id
+  nobody has; an id is new exactly when it then holds this seq. If at least one was new, the record, the body and a queue entry are written in the
   same transaction; otherwise nothing but the run record changes and the answer is
   `duplicate`. Because one writer runs these in commit order, two overlapping deliveries can
   never both claim a flow id, and the answer is exact.
@@ -216,7 +216,7 @@ class Inbox:
             self.count_run_txn(txn, rec, len(rec.flows), rec.duplicate_flows)
 
     def put_part_txn(self, txn: Txn, seq: int, part: int, flows: list[str]) -> None:
-        txn.put(attempt_key(seq, part), _dumps(flows), db=self.dbs.parts)
+        txn.put(attempt_key(seq, part), jsoncodec.dumps(flows), db=self.dbs.parts)
 
     def drop_parts_txn(self, txn: Txn, seq: int) -> None:
         prefix = seq_key(seq)
@@ -290,7 +290,7 @@ class Inbox:
             return [key_seq(k) for k in cur.iternext(keys=True, values=False)]
 
     def put_output_txn(self, txn: Txn, seq: int, n: int, output: dict[str, str]) -> None:
-        txn.put(attempt_key(seq, n), _dumps(output), db=self.dbs.attempts)
+        txn.put(attempt_key(seq, n), jsoncodec.dumps(output), db=self.dbs.attempts)
 
     def drop_output_txn(self, txn: Txn, seq: int, n: int) -> None:
         txn.delete(attempt_key(seq, n), db=self.dbs.attempts)
@@ -377,9 +377,6 @@ class Inbox:
             return staged
         raw = txn.get(key, db=self.dbs.runs)
         return decode_run(raw) if raw is not None else None
-
-
-_dumps = jsoncodec.dumps
 
 
 def probe_txn(store: Store) -> Callable[[Txn], None]:

@@ -8,7 +8,8 @@ commit (committer.py): each commit runs one step of it, at most `SLICE` flow ids
 else is queued, so small deliveries keep being answered while a big one is claimed.
 
 Each step is exact for the same reason a single transaction was: one writer runs the steps in
-commit order, and a flow id is claimed with ``put(key, seq, overwrite=False)``.
+commit order, and a flow id is claimed by putting ``(key, seq)`` with ``overwrite=False``
+(`_claim`).
 
     probe    until one flow id is new, the steps only look (a retry of a big delivery stores
              nothing and answers `duplicate` when the last slice has been looked at)

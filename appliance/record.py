@@ -151,7 +151,7 @@ def encode_record(rec: Record) -> bytes:
         value = getattr(rec, name)
         if value is not None:
             doc[name] = value
-    return _dumps(doc)
+    return jsoncodec.dumps(doc)
 
 
 def decode_record(raw: bytes | memoryview, delivery_id: str = "") -> Record:
@@ -208,7 +208,7 @@ class RunStats:
 
 
 def encode_run(run: RunStats) -> bytes:
-    return _dumps(
+    return jsoncodec.dumps(
         {
             "run_id": run.run_id,
             "ghost_user_id": run.ghost_user_id,
@@ -246,7 +246,7 @@ class PauseState:
 
 
 def encode_pause(state: PauseState) -> bytes:
-    return _dumps({"paused": state.paused, "at": state.at, "by": state.by})
+    return jsoncodec.dumps({"paused": state.paused, "at": state.at, "by": state.by})
 
 
 def decode_pause(raw: bytes | memoryview | None) -> PauseState:
@@ -333,6 +333,3 @@ class Started:
 
     record: Record
     body: bytes
-
-
-_dumps = jsoncodec.dumps
