@@ -1,11 +1,44 @@
-"""The flow-id index as derived state: trusted, caught up, or rebuilt from the inbox.
+"""The flow-id index: a compact hash-keyed B-tree, exact through the inbox, derived from it.
 
-Theory of operation
--------------------
-The index (`flows`: flow key -> seq of the delivery that claimed it) lives in its own LMDB
-environment, written without fsync (store.py, "Two environments"). Everything in it can be
-re-derived from the inbox: the records' new flow ids, plus the parts of deliveries still
-`receiving` (intake.py). Its `index_meta` says how far it got:
+Layout (index environment, store.py; the choice and its measurements: docs/INDEX.md)
+------------------------------------------------------------------------------------
+    flows        8-byte key (XXH3-64 of the flow id, seeded per index; LMDB `integerkey`)
+                 -> 6-byte seq of the delivery that claimed the first flow id with that key
+    flows_exact  flow key (inbox.flow_key: the whole id) -> 8-byte seq; only for a flow id
+                 whose hash key was already held by a delivery that does not hold that id
+                 (a true 64-bit collision: about one in 4,000 stores at 100 M flow ids)
+    index_meta   applied_seq, boot_id, clean, instance (recovery, below), hash_seed, format
+
+A node of `flows` is 24 bytes; leaves filled in random order stay ~68 % full, so the index
+costs ~35 bytes per flow id on disk (the old layout, `'=' + id` -> 8-byte seq: ~116).
+
+Invariants
+----------
+I1. A delivery's claimed flow ids are exactly its record's `flows`, plus its parts while it is
+    `receiving` (`claimed_flows`). Records are never deleted, and their flows never change
+    once the record is not `receiving`.
+I2. A flow id F is claimed by delivery S iff either `flows[key(F)]` = S and F is among S's
+    claimed ids, or `flows_exact[F]` = S. `flows_exact[F]` exists only when `flows[key(F)]`
+    is held by a delivery that did not claim F.
+I3. Entries are only ever added (`overwrite=False`), by the one writer, in the transaction that
+    stores the claiming delivery (or its part): a hash key's holder never changes.
+From I1-I3, `Lookup.owner` is exact: a key that is absent means a new id; a key held by S is
+checked against S's claimed ids (read from the inbox, in the same transaction); a mismatch
+falls back to `flows_exact`. A collision costs one record read, never a wrong answer.
+
+The claim (`Lookup.claim`, one `putmulti(overwrite=False)` per slice): when every key was
+added, every id was new (the usual delivery). Otherwise each id is looked at again: its key
+held by another delivery -> checked as above (duplicate, or new through `flows_exact`); held
+by this delivery -> new, unless `flows_exact` already gives it to another delivery (its key was
+taken by an earlier slice of this same delivery after that other claim).
+
+Recovery (derived state)
+------------------------
+The index lives in its own LMDB environment, written without fsync (store.py, "Two
+environments"). Everything in it can be re-derived by replaying the records in seq order and
+the parts of deliveries still `receiving`; the replay applies the same claim rule, so a rebuilt
+index answers exactly as the old one did (its hash seed, and so its collisions, may differ).
+`index_meta` says how far it got:
 
     applied_seq   every record up to this seq is in the index
     instance      the inbox instance it was built from
@@ -15,13 +48,14 @@ re-derived from the inbox: the records' new flow ids, plus the parts of deliveri
 At server start (`recover`), before anything is accepted:
 * trusted when it is empty, was closed cleanly, or was open during this same boot (a kill -9
   loses no page of it: they are in the page cache), AND it is consistent with the inbox: its
-  instance is this inbox's, its applied_seq is not past the inbox's last seq, and its tree can
-  be read at both ends. Then it is caught up: records after applied_seq and every part are
-  replayed (idempotent puts).
+  format is this release's, its instance is this inbox's, its applied_seq is not past the
+  inbox's last seq, and its tree can be read at both ends. Then it is caught up: records after
+  applied_seq and every part are replayed (idempotent).
 * otherwise (a reboot while it was open and unflushed, an index that cannot be opened or read,
-  one from another store) its files are deleted and it is rebuilt from the inbox. It is never
-  `drop()`ped: dropping walks every page of a tree that may be garbage.
-Progress is logged every few seconds, and how long the rebuild took once it is done.
+  one from another store or an older release) its files are deleted and it is rebuilt from the
+  inbox. It is never `drop()`ped: dropping walks every page of a tree that may be garbage.
+The replay commits every `REPLAY_FLOWS` flow ids (a rebuild that grows the map loses one chunk,
+not all of it) and logs its progress every few seconds, and how long it took once done.
 `rebuild` (the `rebuild-index` command, server stopped) is the same rebuild on demand.
 """
 
@@ -29,7 +63,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +71,137 @@ import lmdb
 
 from .errors import StoreError, StoreFull
 from .inbox import Inbox, flow_key, key_seq, seq_key
-from .record import decode_flows
-from .store import Txn
+from .record import FlowOwner, decode_claimed, decode_flows
+from .store import INDEX_FORMAT, Txn
 
 log = logging.getLogger("ct_appliance.index")
 
 PROGRESS_EVERY_SECONDS = 5.0
+REPLAY_FLOWS = 2_000  # per replay transaction: its copied-on-write pages need room in the map
+VALUE_BYTES = 6
 
 
+def owner_value(seq: int) -> bytes:
+    return seq.to_bytes(VALUE_BYTES, "big")
+
+
+def value_owner(raw: bytes | memoryview) -> int:
+    return int.from_bytes(raw, "big")
+
+
+class Lookup:
+    """Exact lookups and claims inside one write (or read) transaction.
+
+    `known` maps seqs of deliveries that are not `receiving` to their claimed ids (immutable,
+    I1): a caller may carry it across transactions (intake.py does, across the steps of one
+    big delivery), fed only from `learned` once this transaction committed."""
+
+    __slots__ = ("inbox", "txn", "itxn", "flows", "exact", "key", "known", "learned")
+
+    def __init__(self, inbox: Inbox, txn: Txn, known: dict[int, frozenset[str]] | None = None):
+        self.inbox, self.txn = inbox, txn
+        self.itxn = txn.index
+        self.flows, self.exact = inbox.dbs.flows, inbox.dbs.flows_exact
+        self.key = inbox.store.index_keyer
+        self.known = known if known is not None else {}
+        self.learned: dict[int, frozenset[str]] = {}
+
+    def claimed_flows(self, seq: int) -> frozenset[str]:
+        """The flow ids delivery `seq` claimed (I1), as this transaction sees them."""
+        found = self.known.get(seq) or self.learned.get(seq)
+        if found is not None:
+            return found
+        raw = self.txn.get(seq_key(seq), db=self.inbox.dbs.deliveries)
+        if raw is None:
+            return frozenset()
+        flows, complete = decode_claimed(raw)
+        if not complete:
+            return frozenset(flows).union(self.inbox.parts_of_txn(self.txn, seq))
+        found = self.learned[seq] = frozenset(flows)
+        return found
+
+    def owner(self, flow_id: str) -> int | None:
+        """The seq of the delivery that claimed `flow_id`, or None when it is new."""
+        raw = self.itxn.get(self.key(flow_id), db=self.flows)
+        if raw is None:
+            return None
+        holder = value_owner(raw)
+        if flow_id in self.claimed_flows(holder):
+            return holder
+        raw = self.itxn.get(flow_key(flow_id), db=self.exact)
+        return key_seq(raw) if raw is not None else None
+
+    def claim(
+        self, seq: int, ids: Sequence[str], want_owners: bool = False
+    ) -> tuple[list[str], set[int]]:
+        """Claim `ids` (distinct) for delivery `seq`: the ids that were new, and when asked,
+        the seqs that already owned the others."""
+        key, value = self.key, owner_value(seq)
+        keys = [key(flow_id) for flow_id in ids]
+        with self.itxn.cursor(db=self.flows) as cur:
+            added = cur.putmulti([(k, value) for k in keys], overwrite=False)[1]
+        if added == len(keys):
+            return list(ids), set()
+        new: list[str] = []
+        owners: set[int] = set()
+        get, flows, exact = self.itxn.get, self.flows, self.exact
+        for flow_id, k in zip(ids, keys, strict=True):
+            holder = get(k, db=flows)
+            if holder == value:
+                other = get(flow_key(flow_id), db=exact)
+                if other is None:
+                    new.append(flow_id)
+                elif want_owners:
+                    owners.add(key_seq(other))
+                continue
+            held_by = value_owner(holder)
+            if flow_id in self.claimed_flows(held_by):
+                if want_owners:
+                    owners.add(held_by)
+                continue
+            if self.itxn.put(flow_key(flow_id), seq_key(seq), overwrite=False, db=exact):
+                new.append(flow_id)
+            elif want_owners:
+                owners.add(key_seq(get(flow_key(flow_id), db=exact)))
+        return new, owners
+
+    def apply(self, seq: int, ids: Iterable[str]) -> int:
+        """Replay: re-apply the claims of delivery `seq` (ids it claimed, per I1). Idempotent;
+        returns how many entries were added."""
+        ids = list(ids)
+        key, value = self.key, owner_value(seq)
+        keys = [key(flow_id) for flow_id in ids]
+        with self.itxn.cursor(db=self.flows) as cur:
+            added: int = cur.putmulti([(k, value) for k in keys], overwrite=False)[1]
+        if added == len(keys):
+            return added
+        get, flows = self.itxn.get, self.flows
+        for flow_id, k in zip(ids, keys, strict=True):
+            holder = get(k, db=flows)
+            if holder != value and flow_id not in self.claimed_flows(value_owner(holder)):
+                added += self.itxn.put(
+                    flow_key(flow_id), seq_key(seq), overwrite=False, db=self.exact
+                )
+        return added
+
+
+def owners_txn(inbox: Inbox, txn: Txn, flow_ids: Sequence[str]) -> list[FlowOwner]:
+    """`flows show`: which delivery claimed each flow id, and that delivery's record."""
+    lookup = Lookup(inbox, txn)
+    out = []
+    for flow_id in flow_ids:
+        seq = lookup.owner(flow_id)
+        out.append(FlowOwner(flow_id, seq, inbox.load_txn(txn, seq) if seq is not None else None))
+    return out
+
+
+def indexed_txn(inbox: Inbox, txn: Txn) -> int:
+    """How many flow ids the index holds."""
+    dbs = inbox.dbs
+    return int(txn.stat(dbs.flows)["entries"] + txn.stat(dbs.flows_exact)["entries"])
+
+
+# -- recovery --------------------------------------------------------------------------------
 def recover(inbox: Inbox) -> dict[str, Any]:
     """Trust, catch up or rebuild the index; then mark it open. Returns what was done."""
     store, boot = inbox.store, _boot_id()
@@ -53,7 +210,7 @@ def recover(inbox: Inbox) -> dict[str, Any]:
         store.reset_index(why)
     started = time.monotonic()
     try:
-        out = store.write(lambda txn: _recover_txn(inbox, txn, boot, rebuilding=why is not None))
+        out = _recover(inbox, boot, rebuilding=why is not None)
     except StoreFull:
         raise  # the disk, not the index: the caller waits for space
     except StoreError as e:
@@ -65,7 +222,7 @@ def recover(inbox: Inbox) -> dict[str, Any]:
         store.reset_index(why)
         store.available, store.last_error = True, None
         started = time.monotonic()
-        out = store.write(lambda txn: _recover_txn(inbox, txn, boot, rebuilding=True))
+        out = _recover(inbox, boot, rebuilding=True)
     if why is not None:
         out["reason"] = why
         out["seconds"] = round(time.monotonic() - started, 2)
@@ -77,7 +234,15 @@ def recover(inbox: Inbox) -> dict[str, Any]:
 def rebuild(inbox: Inbox) -> int:
     """`rebuild-index`: a new index from the inbox alone; returns the flow ids claimed."""
     inbox.store.reset_index("rebuild-index")
-    claimed: int = inbox.store.write(lambda txn: _replay_txn(inbox, txn, _progress(inbox)))
+    claimed = _replay(inbox, _progress(inbox))
+
+    def last_txn(txn: Txn) -> int:
+        parts = _replay_parts_txn(inbox, txn)
+        txn.put(b"instance", inbox.instance.encode(), db=inbox.dbs.index_meta)
+        txn.put(b"clean", b"1", db=inbox.dbs.index_meta)  # the store's close flushes it
+        return parts
+
+    claimed += inbox.store.write(last_txn)
     inbox.store.index_reset = None
     return claimed
 
@@ -94,6 +259,8 @@ def _distrust(inbox: Inbox, boot: str) -> str | None:
     def check(txn: Txn) -> str | None:
         meta = dbs.index_meta
         applied_raw = txn.get(b"applied_seq", db=meta)
+        if txn.get(b"format", db=meta) != INDEX_FORMAT:
+            return "it has the layout of an older release"
         entries = txn.stat(dbs.flows)["entries"]
         if entries == 0 and applied_raw is None:
             return None  # empty: replaying everything is the rebuild
@@ -111,7 +278,7 @@ def _distrust(inbox: Inbox, boot: str) -> str | None:
             return f"the index has applied seq {applied}, past the inbox's last seq {last}"
         with txn.cursor(db=dbs.flows) as cur:  # both ends of the tree must be readable
             for ok in (cur.first(), cur.last()):
-                if ok and len(cur.value()) != 8:
+                if ok and len(cur.value()) != VALUE_BYTES:
                     return "the index holds a value that is not a seq"
         return None
 
@@ -121,41 +288,64 @@ def _distrust(inbox: Inbox, boot: str) -> str | None:
         return f"unreadable: {e}"
 
 
-def _recover_txn(inbox: Inbox, txn: Txn, boot: str, *, rebuilding: bool) -> dict[str, Any]:
+def _recover(inbox: Inbox, boot: str, *, rebuilding: bool) -> dict[str, Any]:
+    claimed = _replay(inbox, _progress(inbox) if rebuilding else None)
+
+    def last_txn(txn: Txn) -> dict[str, Any]:
+        meta = inbox.dbs.index_meta
+        parts = _replay_parts_txn(inbox, txn)
+        finished = inbox.finish_receiving_txn(txn)
+        txn.put(b"clean", b"0", db=meta)
+        txn.put(b"boot_id", boot.encode(), db=meta)
+        txn.put(b"instance", inbox.instance.encode(), db=meta)
+        out: dict[str, Any] = {"rebuilt": rebuilding, "replayed_flow_ids": claimed + parts}
+        if finished:
+            out["finished_receiving"] = finished
+        return out
+
+    result: dict[str, Any] = inbox.store.write(last_txn)
+    return result
+
+
+def _replay(inbox: Inbox, progress: Callable[[int], None] | None) -> int:
+    """Apply every record newer than the index's applied_seq, `REPLAY_FLOWS` flow ids per
+    transaction; returns the index entries added."""
+    total = 0
+    while True:
+        added, more = inbox.store.write(lambda txn: _replay_txn(inbox, txn, progress))
+        total += added
+        if not more:
+            return total
+
+
+def _replay_txn(inbox: Inbox, txn: Txn, progress: Callable[[int], None] | None) -> tuple[int, bool]:
+    """One chunk of the replay: (entries added, whether records are left)."""
     meta = inbox.dbs.index_meta
-    claimed = _replay_txn(inbox, txn, _progress(inbox) if rebuilding else None)
-    finished = inbox.finish_receiving_txn(txn)
-    txn.put(b"clean", b"0", db=meta)
-    txn.put(b"boot_id", boot.encode(), db=meta)
-    txn.put(b"instance", inbox.instance.encode(), db=meta)
-    out: dict[str, Any] = {"rebuilt": rebuilding, "replayed_flow_ids": claimed}
-    if finished:
-        out["finished_receiving"] = finished
-    return out
-
-
-def _replay_txn(inbox: Inbox, txn: Txn, progress: Callable[[int], None] | None = None) -> int:
-    """Apply every record newer than the index's applied_seq, and every part of a delivery
-    still receiving; returns the flow ids claimed."""
-    dbs = inbox.dbs
-    raw = txn.get(b"applied_seq", db=dbs.index_meta)
+    raw = txn.get(b"applied_seq", db=meta)
     applied = key_seq(raw) if raw is not None else 0
-    claimed = 0
-    put, flows_db = txn.index.put, dbs.flows
-    last = applied
+    lookup, added, flows, last = Lookup(inbox, txn), 0, 0, applied
     for key, value in inbox.iter_records_txn(txn, after=applied):
-        for fid in decode_flows(value):
-            claimed += put(flow_key(fid), key, overwrite=False, db=flows_db)
+        ids = decode_flows(value)
         last = key_seq(key)
+        added += lookup.apply(last, ids)
+        flows += len(ids)
         if progress is not None:
             progress(last)
-    txn.put(b"applied_seq", seq_key(last), db=dbs.index_meta)
-    # Parts of deliveries still receiving may sit below the watermark (intake.py): their
-    # claims are re-applied every time (idempotent, and there are few of them).
-    for seq, flows in inbox.receiving_txn(txn).items():
-        for fid in flows:
-            claimed += put(flow_key(fid), seq_key(seq), overwrite=False, db=flows_db)
-    return claimed
+        if flows >= REPLAY_FLOWS:
+            break
+    else:
+        if last != applied or raw is None:
+            txn.put(b"applied_seq", seq_key(last), db=meta)
+        return added, False
+    txn.put(b"applied_seq", seq_key(last), db=meta)
+    return added, True
+
+
+def _replay_parts_txn(inbox: Inbox, txn: Txn) -> int:
+    """Parts of deliveries still receiving may sit below the watermark (intake.py): their
+    claims are re-applied every time (idempotent, and there are few of them)."""
+    lookup = Lookup(inbox, txn)
+    return sum(lookup.apply(seq, ids) for seq, ids in inbox.receiving_txn(txn).items())
 
 
 def _progress(inbox: Inbox) -> Callable[[int], None]:

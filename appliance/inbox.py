@@ -9,9 +9,8 @@ Sub-databases of the one LMDB environment (see store.py):
     attempts    seq + attempt (4 bytes)    -> captured output of one importer attempt
     parts       seq + part (4 bytes)       -> new flow ids (JSON list) of one committed slice
                                               of a delivery still `receiving` (intake.py)
-    flows       flow key                   -> seq of the delivery that claimed the flow id
-                                              (index environment, see store.py)
-    index_meta  applied_seq, boot_id, clean -> how far the index has applied the inbox
+    flows, flows_exact, index_meta         -> the flow-id index (its own environment, see
+                                              store.py; its layout: flowindex.py)
     queue       seq                        -> (next attempt time, importing flag) while the
                                               delivery is pending or importing
     dead        seq                        -> b"" while the delivery is dead
@@ -23,15 +22,16 @@ Sub-databases of the one LMDB environment (see store.py):
   and importers is ``<instance>-<seq>``, where the instance id is drawn once when the store is
   created, so ids never repeat even if a store is wiped and recreated.
 * Accepting a delivery is a group-commit operation of one step (a big delivery: one step per
-  slice of flow ids, see intake.py): the distinct flow ids of the body are put as
-  ``(flow key, seq)`` with ``overwrite=False`` (one ``putmulti`` call), which claims each id
-  nobody has; an id is new exactly when it then holds this seq. If at least one was new, the record, the body and a queue entry are written in the
-  same transaction; otherwise nothing but the run record changes and the answer is
+  slice of flow ids, see intake.py): the distinct flow ids of the body are claimed in the
+  flow index (flowindex.py: one ``putmulti`` with ``overwrite=False``, exact through the
+  claiming deliveries' records). If at least one was new, the record, the body and a queue
+  entry are written in the same transaction; otherwise nothing but the run record changes and the answer is
   `duplicate`. Because one writer runs these in commit order, two overlapping deliveries can
   never both claim a flow id, and the answer is exact.
 * Only the new flow ids are kept in the record: they are exactly what the importer must see,
   and replaying records in seq order (`rebuild_index`) re-derives the flow index exactly.
-* Flow keys: ``=`` + UTF-8 bytes, or ``#`` + SHA-256 of them when longer than LMDB's key limit.
+* Flow keys (run ids in `runs`, whole flow ids in the index's `flows_exact`): ``=`` + UTF-8
+  bytes, or ``#`` + SHA-256 of them when longer than LMDB's key limit.
 * A delivery is done (imported) or dead only through the importer's commits; its flow ids stay
   claimed forever, even after retention prunes its body.
 * A record changes by load -> apply -> store: `update_txn` loads it, applies one function of
@@ -51,7 +51,6 @@ from collections.abc import Callable, Iterator
 
 from . import jsoncodec, lifecycle
 from .record import (
-    FlowOwner,
     InboxSummary,
     Incoming,
     PauseState,
@@ -218,6 +217,16 @@ class Inbox:
     def put_part_txn(self, txn: Txn, seq: int, part: int, flows: list[str]) -> None:
         txn.put(attempt_key(seq, part), jsoncodec.dumps(flows), db=self.dbs.parts)
 
+    def parts_of_txn(self, txn: Txn, seq: int) -> list[str]:
+        """The new flow ids of the committed parts of delivery `seq` (receiving)."""
+        prefix, out = seq_key(seq), []
+        with txn.cursor(db=self.dbs.parts) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key().startswith(prefix):
+                out.extend(json.loads(cur.value()))
+                ok = cur.next()
+        return out
+
     def drop_parts_txn(self, txn: Txn, seq: int) -> None:
         prefix = seq_key(seq)
         with txn.cursor(db=self.dbs.parts) as cur:
@@ -349,20 +358,12 @@ class Inbox:
             dead=dead,
             receiving=receiving,
             total=total,
-            flows=txn.stat(dbs.flows)["entries"],
+            flows=txn.stat(dbs.flows)["entries"] + txn.stat(dbs.flows_exact)["entries"],
             runs=txn.stat(dbs.runs)["entries"],
             oldest_pending_at=oldest,
             size_bytes=size_bytes,
             paused=self.paused_txn(txn).paused,
         )
-
-    def flows_txn(self, txn: Txn, flow_ids: list[str]) -> list[FlowOwner]:
-        out = []
-        for fid in flow_ids:
-            owner = txn.get(flow_key(fid), db=self.dbs.flows)
-            rec = self.load_txn(txn, key_seq(owner)) if owner is not None else None
-            out.append(FlowOwner(fid, key_seq(owner) if owner is not None else None, rec))
-        return out
 
     def runs_txn(self, txn: Txn, limit: int) -> list[RunStats]:
         with txn.cursor(db=self.dbs.runs) as cur:

@@ -10,9 +10,11 @@ rather than `1e-07`. A non-finite float would be written `null` (the standard li
 `Infinity`, which is not JSON); nothing stored here holds one: every time comes from the clock.
 
 Whatever orjson refuses (a lone surrogate, an integer past 64 bits, a non-string key) falls back
-to the standard library, so `dumps` encodes everything `json.dumps` does. Decoding stays with
-the standard library: the request path's parse must keep its answers for hostile bodies
-(payload.py), and reads are not where the time goes.
+to the standard library, so `dumps` encodes everything `json.dumps` does. Decoding a body stays
+with the standard library: the request path's parse must keep its answers for hostile bodies
+(payload.py). `loads_stored` reads back only what this process wrote (records, for the flow
+index's rebuild and its exact checks, where 10 M flow ids are decoded): orjson, and the standard
+library for what orjson refuses (an escaped lone surrogate, an integer past 64 bits).
 """
 
 from __future__ import annotations
@@ -29,3 +31,10 @@ def dumps(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
         return orjson.dumps(value, default=default)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return json.dumps(value, separators=(",", ":"), default=default).encode()
+
+
+def loads_stored(raw: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(raw))

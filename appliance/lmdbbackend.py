@@ -311,7 +311,7 @@ class LmdbBackend:
         return self.store.read(self.inbox.dead_seqs_txn)
 
     def flows(self, flow_ids: Sequence[str]) -> list[FlowOwner]:
-        return self.store.read(lambda txn: self.inbox.flows_txn(txn, list(flow_ids)))
+        return self.store.read(lambda txn: flowindex.owners_txn(self.inbox, txn, flow_ids))
 
     def runs(self, limit: int = 50) -> list[RunStats]:
         return self.store.read(lambda txn: self.inbox.runs_txn(txn, limit))

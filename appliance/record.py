@@ -176,8 +176,15 @@ def decode_record(raw: bytes | memoryview, delivery_id: str = "") -> Record:
 
 def decode_flows(raw: bytes | memoryview) -> list[str]:
     """Only the flow ids of an encoded record (the index rebuild reads nothing else)."""
-    flows: list[str] = json.loads(bytes(raw))["flows"]
+    flows: list[str] = jsoncodec.loads_stored(raw)["flows"]
     return flows
+
+
+def decode_claimed(raw: bytes | memoryview) -> tuple[list[str], bool]:
+    """The flow ids an encoded record holds, and whether they are all it claimed: False while
+    it is `receiving` (the rest are in its parts, inbox.py)."""
+    doc = jsoncodec.loads_stored(raw)
+    return doc["flows"], doc["state"] != State.RECEIVING.value
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,13 +20,19 @@ Theory of operation
   probe retries a tiny write until it succeeds. A panicked environment is reopened.
 * Two environments. The inbox (deliveries, bodies, queue, runs, ...) lives in the fsync'd
   environment at `store.path`; the flow-id index lives in `store.path/index`, opened without
-  fsync. One operation sees both through one `Txn` that routes each call to the environment
+  fsync and with `writemap` (its layout and why: flowindex.py, docs/INDEX.md). One operation sees both through one `Txn` that routes each call to the environment
   owning its database, and the writer commits the inbox FIRST (durable) and the index second.
   The index is derived state (spec §5.4): it records the last inbox seq it has applied, and
   `flowindex.recover` replays newer records after a crash between the two commits. A kill -9
   loses nothing of the index (its pages are in the page cache); a machine that rebooted while
   the index was open and not flushed cannot trust it, so it is rebuilt from the inbox. The win:
   a commit no longer waits on the random B-tree pages that new flow ids dirty (STACK.md: ~4x).
+* The index map is allocated, never sparse. With `writemap` LMDB writes dirty pages straight
+  into the shared map; a write into a hole of a sparse file on a full disk would be a SIGBUS,
+  not an error. So the index file is `posix_fallocate`d to the whole map before the map is
+  used or grown: a full disk is an ENOSPC at growth (503, probed until space returns, like
+  the inbox). The map grows in steps of 1/32 (at least 1 MiB), so the blocks on disk stay
+  within ~3 % of the pages in use (the index's bytes per flow id are measured in blocks).
 * Several processes. The server and the CLI may open the same environments (LMDB's lock file
   serialises writers). Each process opens them once; a forked child never touches them.
 """
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import lmdb
+import xxhash
 
 from .errors import StoreError, StoreFull, StoreLocked
 
@@ -53,10 +60,13 @@ log = logging.getLogger("ct_appliance.store")
 T = TypeVar("T")
 
 DB_NAMES = ("deliveries", "bodies", "attempts", "queue", "dead", "done", "runs", "state", "parts")
-INDEX_DB_NAMES = ("flows", "index_meta")
+INDEX_DB_NAMES = ("flows", "flows_exact", "index_meta")
+INDEX_INITIAL_MAP = 1 << 20
+INDEX_GROWTH_MIN = 1 << 20
 LOCK_FILE = "server.lock"
 MAX_BATCH = 512
 MAX_MAP_BYTES = 1 << 40
+INDEX_FORMAT = b"2"  # flowindex.py; an index without it (or with another) is rebuilt
 
 
 class _Gate:
@@ -108,6 +118,7 @@ class DBs:
     state: Any
     parts: Any
     flows: Any
+    flows_exact: Any
     index_meta: Any
 
 
@@ -207,11 +218,21 @@ def _is_enospc(e: BaseException) -> bool:
 class Store:
     dbs: DBs  # one object for the life of the Store: a reopen refreshes it in place
 
-    def __init__(self, path: str | os.PathLike[str], *, initial_map_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        initial_map_bytes: int = 1 << 30,
+        index_keyer: Callable[[str], bytes] | None = None,
+    ) -> None:
+        """`index_keyer`: a key function for the flow index instead of its seeded XXH3 (tests
+        force hash collisions with one; flowindex.py stays exact whatever it returns)."""
         self.path = Path(path)
+        self._keyer_override = index_keyer
         self._initial_map = max(initial_map_bytes, 1 << 20)
         self._gate = _Gate()
         self.index_reset: str | None = None  # why the index was made anew, if it was
+        self.index_keyer: Callable[[str], bytes] = _no_keyer  # set by _open_index
         self.available = True
         self.last_error: str | None = None
         try:
@@ -245,8 +266,9 @@ class Store:
 
     def _open_index(self) -> None:
         """The index environment. It is derived state: one that cannot be opened (garbage
-        left by a power loss in a file written without fsync) is deleted and made anew, and
-        `index_reset` says why, so the index is rebuilt from the inbox."""
+        left by a power loss in a file written without fsync, or an index of an older layout)
+        is deleted and made anew, and `index_reset` says why, so the index is rebuilt from
+        the inbox."""
         index_path = self.path / "index"
         try:
             index_path.mkdir(mode=0o700, exist_ok=True)
@@ -254,10 +276,12 @@ class Store:
             raise StoreError(f"cannot create {index_path}: {e.strerror}") from None
         for attempt in (1, 2):
             data = index_path / "data.mdb"
-            size = max(self._initial_map, data.stat().st_size if data.exists() else 0)
+            size = max(INDEX_INITIAL_MAP, data.stat().st_size if data.exists() else 0)
+            env = None
             try:
-                # Derived state: no fsync (see "Two environments" above).
-                self.index_env = lmdb.open(
+                # Derived state: no fsync (see "Two environments" above); writemap on an
+                # allocated map (see "The index map is allocated").
+                env = lmdb.open(
                     str(index_path),
                     map_size=size,
                     max_dbs=len(INDEX_DB_NAMES) + 2,
@@ -266,17 +290,39 @@ class Store:
                     mode=0o600,
                     sync=False,
                     metasync=False,
+                    writemap=True,
                 )
-                self._index_dbs = [self.index_env.open_db(n.encode()) for n in INDEX_DB_NAMES]
+                _allocate(data, env.info()["map_size"])
+                dbs = [
+                    env.open_db(b"flows", integerkey=True),
+                    env.open_db(b"flows_exact"),
+                    env.open_db(b"index_meta"),
+                ]
+                keyer = index_keyer(env, dbs[0], dbs[2])
+                self.index_env, self._index_dbs = env, dbs
+                self.index_keyer = self._keyer_override or keyer
                 break
+            except OSError as e:
+                if env is not None:
+                    env.close()
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFull(f"no space left to allocate the flow index map: {e}") from None
+                raise StoreError(f"cannot allocate the flow index map at {data}: {e}") from None
             except lmdb.Error as e:
+                if env is not None:
+                    env.close()
                 if attempt == 2:
                     raise StoreError(f"cannot open the flow index at {index_path}: {e}") from None
-                log.error(
-                    "the flow index cannot be opened; it is deleted and rebuilt from the inbox",
-                    extra={"fields": {"path": str(index_path), "error": str(e)}},
+                why = (
+                    "it has the layout of an older release"
+                    if isinstance(e, lmdb.IncompatibleError)
+                    else f"could not be opened: {e}"
                 )
-                self.index_reset = f"could not be opened: {e}"
+                log.error(
+                    "the flow index cannot be used; it is deleted and rebuilt from the inbox",
+                    extra={"fields": {"path": str(index_path), "reason": why}},
+                )
+                self.index_reset = why
                 _delete_index_files(index_path)
         self._index_ids = frozenset(id(db) for db in self._index_dbs)
 
@@ -287,7 +333,7 @@ class Store:
             self.index_env.close()
             _delete_index_files(self.path / "index")
             self._open_index()
-            self.dbs.flows, self.dbs.index_meta = self._index_dbs
+            self.dbs.flows, self.dbs.flows_exact, self.dbs.index_meta = self._index_dbs
             self.envs = (self.env, self.index_env)
         self.index_reset = why
 
@@ -401,19 +447,34 @@ class Store:
         raise StoreFull("the store map could not grow far enough")
 
     def _grow(self) -> None:
+        """After a MapFullError (LMDB does not say which environment): grow each one short of
+        room, or both when neither looks short (one transaction needed more than that)."""
         with self._gate.exclusive():
-            for env in self.envs:
-                info, stat = env.info(), env.stat()
-                current = info["map_size"]
-                used = (info["last_pgno"] + 1) * stat["psize"]
-                if used < current * 0.75:
-                    continue  # this one still has room; the other is the full one
+            short = [env for env in self.envs if self._short_of_room(env)]
+            for env in short or self.envs:
+                current = env.info()["map_size"]
                 if current >= MAX_MAP_BYTES:
                     self._mark_unavailable("map full at its maximum size")
                     raise StoreFull("the store map is at its maximum size")
-                new = min(current * 2, MAX_MAP_BYTES)
+                if env is self.index_env:  # allocated on disk: small steps
+                    new = min(current + max(INDEX_GROWTH_MIN, current // 32), MAX_MAP_BYTES)
+                    try:
+                        _allocate(self.path / "index" / "data.mdb", new)
+                    except OSError as e:
+                        self._mark_unavailable("disk full")
+                        raise StoreFull(f"no space left to grow the flow index: {e}") from None
+                else:  # sparse: doubling costs address space, not disk
+                    new = min(current * 2, MAX_MAP_BYTES)
                 env.set_mapsize(new)
                 log.info("store map grown", extra={"fields": {"map_bytes": new}})
+
+    def _short_of_room(self, env: Any) -> bool:
+        info = env.info()
+        current = info["map_size"]
+        free = current - (info["last_pgno"] + 1) * env.stat()["psize"]
+        if env is self.index_env:
+            return bool(free < max(INDEX_GROWTH_MIN, current // 32))
+        return bool(free < current // 4)
 
     def _adopt_map_size(self) -> None:
         with self._gate.exclusive():
@@ -448,6 +509,40 @@ class Store:
             except OSError:
                 pass
         return total
+
+
+def _allocate(data: Path, size: int) -> None:
+    """Give the index file real blocks up to `size` (see "The index map is allocated")."""
+    fd = os.open(data, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_blocks * 512 < size:
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def index_keyer(env: Any, flows: Any, meta: Any) -> Callable[[str], bytes]:
+    """The index's key function: XXH3-64 of the flow id's UTF-8 bytes, seeded with a random
+    seed drawn when the index is created (kept in `index_meta`), as 8 bytes (flowindex.py)."""
+    with env.begin(write=True) as txn:
+        raw = txn.get(b"hash_seed", db=meta)
+        if raw is None:
+            if txn.stat(flows)["entries"] or txn.get(b"applied_seq", db=meta) is not None:
+                raise lmdb.IncompatibleError("an index without a hash seed")
+            raw = os.urandom(8)
+            txn.put(b"hash_seed", raw, db=meta)
+            txn.put(b"format", INDEX_FORMAT, db=meta)
+    seed = int.from_bytes(raw, "big")
+    digest = xxhash.xxh3_64_digest
+
+    def keyer(flow_id: str) -> bytes:
+        return digest(flow_id.encode(), seed)
+
+    return keyer
+
+
+def _no_keyer(flow_id: str) -> bytes:
+    raise AssertionError("the index is not open")
 
 
 class _OperationFailed(Exception):

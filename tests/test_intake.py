@@ -6,14 +6,13 @@ steps, recovery, a rebuilt index) small enough to check id by id."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from appliance import flowindex
 from appliance.committer import GroupCommitter
 from appliance.errors import StoreFull
-from appliance.inbox import Inbox, flow_key, key_seq
+from appliance.inbox import Inbox
 from appliance.intake import Acceptance, accept_txn
 from appliance.payload import Delivery
 from appliance.record import InboxSummary, Incoming, Record, State
@@ -42,14 +41,8 @@ def summary(store: Store, inbox: Inbox) -> InboxSummary:
 
 
 def owners(store: Store, inbox: Inbox, ids: list[str]) -> dict[str, int | None]:
-    def look(txn: Any) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
-        for fid in ids:
-            raw = txn.get(flow_key(fid), db=inbox.dbs.flows)
-            out[fid] = key_seq(raw) if raw is not None else None
-        return out
-
-    return store.read(look)
+    found = store.read(lambda txn: flowindex.owners_txn(inbox, txn, ids))
+    return {o.flow_id: o.seq for o in found}
 
 
 def test_a_big_delivery_takes_one_commit_per_slice_and_then_one_to_finish(tmp_path: Path) -> None:

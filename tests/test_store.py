@@ -45,7 +45,7 @@ def test_flow_ids_longer_than_the_key_limit_are_stored_by_digest(tmp_path: Path)
     first = store.write(lambda t: accept_txn(inbox, t, incoming([long_id, long_id + "2"])))
     again = store.write(lambda t: accept_txn(inbox, t, incoming([long_id])))
     assert first.new == 2 and again.status == "duplicate"
-    assert store.read(lambda t: inbox.flows_txn(t, [long_id]))[0].seq == first.seq
+    assert store.read(lambda t: flowindex.owners_txn(inbox, t, [long_id]))[0].seq == first.seq
 
 
 def test_map_grows_by_itself(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ async def test_a_failing_operation_fails_alone(tmp_path: Path) -> None:
             n.start_soon(bad)
         committer.close()
     assert isinstance(out["bad"], RuntimeError)
-    assert store.read(lambda t: inbox.flows_txn(t, ["ok"]))[0].seq is not None
+    assert store.read(lambda t: flowindex.owners_txn(inbox, t, ["ok"]))[0].seq is not None
 
 
 async def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(tmp_path: Path) -> None:
@@ -223,18 +223,16 @@ def test_index_catches_up_after_a_crash_between_the_two_commits(tmp_path: Path) 
 
     # The inbox commit of delivery 2 landed; its index commit did not (process killed between).
     def lose_index_commit(t: object) -> None:
-        from appliance.inbox import flow_key, seq_key
-
-        t.delete(flow_key("c"), db=store.dbs.flows)  # type: ignore[attr-defined]
+        t.delete(store.index_keyer("c"), db=store.dbs.flows)  # type: ignore[attr-defined]
         t.put(b"applied_seq", seq_key(1), db=store.dbs.index_meta)  # type: ignore[attr-defined]
 
     store.write(lose_index_commit)
-    assert store.read(lambda t: inbox.flows_txn(t, ["c"]))[0].seq is None
+    assert store.read(lambda t: flowindex.owners_txn(inbox, t, ["c"]))[0].seq is None
     store.close()
     store = Store(tmp_path)
     inbox = Inbox(store)
     assert flowindex.recover(inbox) == {"rebuilt": False, "replayed_flow_ids": 1}
-    assert store.read(lambda t: inbox.flows_txn(t, ["c"]))[0].seq == 2
+    assert store.read(lambda t: flowindex.owners_txn(inbox, t, ["c"]))[0].seq == 2
 
 
 def test_index_left_open_across_a_reboot_is_rebuilt(tmp_path: Path) -> None:
@@ -271,7 +269,7 @@ def test_an_index_that_cannot_be_opened_is_deleted_and_rebuilt(tmp_path: Path) -
     out = flowindex.recover(inbox)
     assert out["rebuilt"] and out["replayed_flow_ids"] == 600
     assert out["reason"].startswith("could not be opened")
-    assert store.read(lambda t: inbox.flows_txn(t, ["a7"]))[0].seq == 8
+    assert store.read(lambda t: flowindex.owners_txn(inbox, t, ["a7"]))[0].seq == 8
 
 
 def test_an_index_of_another_store_or_ahead_of_the_inbox_is_rebuilt(tmp_path: Path) -> None:
@@ -295,4 +293,4 @@ def test_rebuild_index_never_reads_the_old_tree(tmp_path: Path) -> None:
     store = Store(tmp_path)
     inbox = Inbox(store)
     assert flowindex.rebuild(inbox) == 600
-    assert store.read(lambda t: inbox.flows_txn(t, ["b299"]))[0].seq == 300
+    assert store.read(lambda t: flowindex.owners_txn(inbox, t, ["b299"]))[0].seq == 300
