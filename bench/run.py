@@ -10,7 +10,8 @@ server are taken within each round, then the median over rounds is reported. Sta
 Settings (environment variables; BENCH_QUICK=1 shrinks everything for development):
   BENCH_ROUNDS=3 BENCH_SATURATION_SECONDS=8 BENCH_PACED_SECONDS=8 BENCH_PACED_RATE=100
   BENCH_WARMUP_SECONDS=1 BENCH_CONNECTIONS=64 BENCH_STARTUP_RUNS=5 BENCH_IMPORT_DELIVERIES=1000
-  BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,webhook,import,importhttp
+  BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,idx100m,webhook,import,importhttp
+  BENCH_MEMORY_MAX=1G (the seeded rows' server in a memory cgroup with that limit; bench/memcg.py)
   BENCH_MAX_RATE=5000 (sizes the unique-id request files)
   BENCH_APP_EXE=.venv/bin/ct-appliance (the ct-appliance command to serve the app variants with)
   BENCH_PROFILE=1|svg (py-spy samples each Python server's saturation run; see bench/pyspy.py)
@@ -37,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import load  # noqa: E402
+import memcg  # noqa: E402
 import payloads  # noqa: E402
 import pyspy  # noqa: E402
 import report  # noqa: E402
@@ -149,11 +151,15 @@ def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
             "--seconds", str(s.paced_seconds), timeout=s.paced_seconds + 60,
         )  # fmt: skip
         row["private_mib"], row["anon_mib"] = servers.memory_mib(server.pid) or (None, None)
+        if target.group is not None:
+            row["notes"].append(target.group.describe())
         if not server.alive():
             raise RuntimeError(f"{v.key} server died; log tail:\n{server.log_tail()}")
     finally:
         server.stop()
         variants.remove_store(target.store)
+        if target.group is not None:
+            target.group.remove()
     requests = int(sat["requests"])
     non2xx = sum(n for st, n in sat["statuses"].items() if not st.startswith("2"))
     sock_errors = sum(n for k, n in sat["errors"].items() if k != "status")
@@ -343,6 +349,9 @@ def main() -> int:
         app_exe=Path(os.environ.get("BENCH_APP_EXE", ROOT / ".venv" / "bin" / "ct-appliance")),
         binary=ROOT / "dist" / "ct-appliance",
         webhook_exe=shutil.which("webhook"),
+        memory_max=memcg.parse_size(os.environ["BENCH_MEMORY_MAX"])
+        if os.environ.get("BENCH_MEMORY_MAX")
+        else None,
     )
     started = time.time()
     try:
