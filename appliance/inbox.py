@@ -21,6 +21,13 @@ Sub-databases of the one LMDB environment (see store.py):
 * `seq` grows by one per stored delivery and gives FIFO order. The delivery id shown to users
   and importers is ``<instance>-<seq>``, where the instance id is drawn once when the store is
   created, so ids never repeat even if a store is wiped and recreated.
+* A store restored from a backup taken at seq N hands out N+1, N+2, ... again, which the lost
+  store may already have given to other deliveries (and its importer has seen those ids). So
+  `restore` begins an instance epoch (`begin_epoch`): seqs from N+1 on are named by a new
+  instance id, kept in `state` as a list of (first seq, instance). Every seq is named by the
+  epoch it falls in: ids of the backup's deliveries stay what they were (an importer that
+  deduplicates on `delivery_id` recognises a re-run), new ids are distinct from every id the
+  lost store handed out, and `seq_of` resolves an id only under the instance of its epoch.
 * Accepting a delivery is a group-commit operation of one step (a big delivery: one step per
   slice of flow ids, see intake.py): the distinct flow ids of the body are claimed in the
   flow index (flowindex.py: one ``putmulti`` with ``overwrite=False``, exact through the
@@ -104,26 +111,59 @@ def done_key(rec: Record) -> bytes:
 
 
 def instance_id(store: Store) -> str:
-    """The store's instance id, created on first use."""
-
-    def get_or_make(txn: Txn) -> str:
-        value = txn.get(b"instance", db=store.dbs.state)
-        if value is None:
-            value = os.urandom(4).hex().encode()
-            txn.put(b"instance", value, db=store.dbs.state)
-        return str(value.decode())
-
+    """The store's first instance id, created on first use."""
     found = store.read(lambda txn: txn.get(b"instance", db=store.dbs.state))
-    return found.decode() if found is not None else store.write(get_or_make)
+    if found is not None:
+        return str(found.decode())
+    return store.write(lambda txn: instance_id_txn(txn, store))
+
+
+def instance_id_txn(txn: Txn, store: Store) -> str:
+    value = txn.get(b"instance", db=store.dbs.state)
+    if value is None:
+        value = os.urandom(4).hex().encode()
+        txn.put(b"instance", value, db=store.dbs.state)
+    return str(value.decode())
+
+
+def read_epochs(get: Callable[[bytes], bytes | None]) -> tuple[tuple[int, str], ...]:
+    """(first seq, instance) of each epoch, oldest first, from `state` as `get` reads it: the
+    store's first instance names every seq from 1 until a restore begins the next epoch.
+    Empty while the store has no instance."""
+    first = get(b"instance")
+    if first is None:
+        return ()
+    later = get(b"epochs")
+    rest = [(int(s), str(i)) for s, i in json.loads(later)] if later is not None else []
+    return ((1, bytes(first).decode()), *rest)
+
+
+def instance_epochs(store: Store) -> tuple[tuple[int, str], ...]:
+    instance_id(store)  # created on first use
+    return store.read(lambda txn: read_epochs(lambda key: txn.get(key, db=store.dbs.state)))
+
+
+def begin_epoch(
+    get: Callable[[bytes], bytes | None], put: Callable[[bytes, bytes], object], first_seq: int
+) -> str:
+    """A new instance id, distinct from the store's others, names seqs from `first_seq` on;
+    returns it. For `restore` (the backup ends at first_seq - 1), in one write transaction
+    over `state` (`get`, `put`) of a store no server holds. Epochs that began at or after
+    first_seq are dropped: no seq of theirs is in this store."""
+    if get(b"instance") is None:
+        put(b"instance", os.urandom(4).hex().encode())
+    epochs = read_epochs(get)
+    taken = {instance for _, instance in epochs}
+    new = os.urandom(4).hex()
+    while new in taken:
+        new = os.urandom(4).hex()
+    later = [[s, i] for s, i in epochs[1:] if s < first_seq] + [[first_seq, new]]
+    put(b"epochs", jsoncodec.dumps(later))
+    return new
 
 
 def delivery_id(instance: str, seq: int) -> str:
     return f"{instance}-{seq:010d}"
-
-
-def parse_delivery_id(text: str) -> int | None:
-    _, _, num = text.rpartition("-")
-    return int(num) if num.isdigit() else None
 
 
 class Inbox:
@@ -132,19 +172,36 @@ class Inbox:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.dbs = store.dbs
-        self.instance = instance_id(store)
+        self.epochs = instance_epochs(store)  # changes only by a restore, server stopped
+        self.instance = self.epochs[-1][1]  # names the deliveries stored from now on
+        self._current_from = self.epochs[-1][0]
+
+    def instance_of(self, seq: int) -> str:
+        """The instance id that names `seq`: the one of the epoch it falls in."""
+        if seq >= self._current_from:
+            return self.instance
+        return next((i for first, i in reversed(self.epochs) if first <= seq), self.epochs[0][1])
 
     def delivery_id_of(self, seq: int) -> str:
-        return delivery_id(self.instance, seq)
+        return delivery_id(self.instance_of(seq), seq)
+
+    def seq_of(self, text: str) -> int | None:
+        """The seq a delivery id names in this store, or None when its instance is not the
+        one of that seq's epoch (a bare seq is taken as is)."""
+        instance, dash, num = text.rpartition("-")
+        if not num.isdigit():
+            return None
+        seq = int(num)
+        return seq if not dash or instance == self.instance_of(seq) else None
 
     # -- records: load -> apply -> store ----------------------------------------------------
     def load_txn(self, txn: Txn, seq: int) -> Record | None:
         raw = txn.get(seq_key(seq), db=self.dbs.deliveries)
-        return decode_record(raw, delivery_id(self.instance, seq)) if raw is not None else None
+        return decode_record(raw, self.delivery_id_of(seq)) if raw is not None else None
 
     def decode(self, key: bytes, raw: bytes) -> Record:
         """A record as found by a cursor over `deliveries`."""
-        return decode_record(raw, delivery_id(self.instance, key_seq(key)))
+        return decode_record(raw, self.delivery_id_of(key_seq(key)))
 
     def save_txn(self, txn: Txn, rec: Record, before: Record | None) -> None:
         """Store `rec` (which was `before`) and the index entries its state implies."""

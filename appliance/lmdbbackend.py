@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import flowindex, lifecycle
-from .inbox import Inbox, key_seq, parse_delivery_id, probe_txn, seq_key
+from .inbox import Inbox, key_seq, probe_txn, seq_key
 from .intake import Acceptance, accept_txn
 from .record import (
     Accepted,
@@ -291,7 +291,7 @@ class LmdbBackend:
         return self.store.read(lambda txn: self.inbox.records_txn(txn, state, limit, newest_first))
 
     def find(self, delivery_id: str) -> int | None:
-        seq = parse_delivery_id(delivery_id)
+        seq = self.inbox.seq_of(delivery_id)  # under the instance of the seq's epoch
         if seq is None:
             return None
         found = self.store.read(lambda txn: self.inbox.load_txn(txn, seq))

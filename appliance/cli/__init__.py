@@ -104,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rebuild-index", "rebuild the flow-id index from the inbox (server stopped)")
     _add_json(p)
 
+    p = command("backup", "hot, consistent copy of the inbox into DEST, while the server runs")
+    _add_json(p)
+    p.add_argument("dest", metavar="DEST", help="a new (or empty) directory for the backup")
+    p.add_argument(
+        "--dated", action="store_true", help="write into DEST/<UTC time>, e.g. 20261126T070513Z"
+    )
+    p.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="with --dated: afterwards delete all but the N newest dated backups in DEST",
+    )
+    p = command("restore", "put a backup in store.path (server stopped); the index is rebuilt")
+    _add_json(p)
+    p.add_argument("src", metavar="SRC", help="a directory written by backup")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the store in store.path (its data.mdb, lock.mdb and index/)",
+    )
+
     imp = command("importer", "hold or release importer runs").add_subparsers(
         dest="action", metavar="ACTION"
     )
@@ -191,6 +212,8 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "flows": _lazy("store", "flows"),
     "runs": _lazy("store", "runs"),
     "rebuild-index": _lazy("store", "rebuild_index"),
+    "backup": _lazy("backup", "backup"),
+    "restore": _lazy("backup", "restore"),
     "importer": _lazy("store", "importer"),
     "send": _lazy("send", "main"),
     "gen-secret": _gen_secret,
