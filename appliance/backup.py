@@ -279,7 +279,7 @@ def _restore(src: Path, store_path: Path, manifest: Manifest, force: bool) -> Re
         first_seq = manifest.last_seq + 1
         instance = _begin_epoch(staging, first_seq)
         _fsync_and_hash(staged, digest=False)
-        _owned_like(staged, store_path)
+        _owned_like(store_path, staged, store_path / LOCK_FILE)
         replaced = []
         if (store_path / "index").exists():
             shutil.rmtree(store_path / "index")
@@ -328,13 +328,14 @@ def _exclusive(store_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _owned_like(path: Path, directory: Path) -> None:
-    """Run as root on a store a service user owns (DynamicUser=): the restored file becomes
-    that user's, or the service could not open it (systemd re-owns a state directory only
-    when its top is not already the user's)."""
+def _owned_like(directory: Path, *paths: Path) -> None:
+    """Run as root on a store a service user owns (DynamicUser=): what the restore wrote (the
+    inbox, and the lock file if it made it) becomes that user's, or the service could not open
+    it (systemd re-owns a state directory at start only when its top is not the user's)."""
     st = directory.stat()
     if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-        os.chown(path, st.st_uid, st.st_gid)
+        for path in paths:
+            os.chown(path, st.st_uid, st.st_gid)
 
 
 # -- reading a copy -----------------------------------------------------------------------

@@ -5,7 +5,7 @@
 #   make startup-time    median time from exec to /readyz 200 of dist/ct-appliance
 #   make deb             build dist/ct-appliance_<version>_amd64.deb with dpkg-deb
 #   make test-system     boot Debian bookworm in systemd-nspawn, install the .deb, prove it
-#   make security-score  systemd-analyze security of the unit; fails above 1.5
+#   make security-score  systemd-analyze security of the units; fails above 1.5
 
 BUILD_STAMP   := $(VENV)/.installed-build
 APP_VERSION    = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' appliance/__init__.py)
@@ -45,6 +45,8 @@ security-score:
 		>/dev/null; }
 	@out=$$(systemd-analyze security --offline=true --threshold=$(SECURITY_MAX) \
 		systemd/ct-appliance.service 2>&1); rc=$$?; echo "$$out" | tail -n 1; exit $$rc
+	@out=$$(systemd-analyze security --offline=true --threshold=$(SECURITY_MAX) \
+		systemd/ct-appliance-backup.service 2>&1); rc=$$?; echo "$$out" | tail -n 1; exit $$rc
 	@# For information: with the opt-in port-443 drop-in appended (later assignments win).
 	@mkdir -p build/work/score && cat systemd/ct-appliance.service systemd/port-443.conf \
 		> build/work/score/ct-appliance.service

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Build the .deb with plain dpkg-deb (no debhelper): the onefile binary in /usr/bin, the unit
-# in /lib/systemd/system, the production config as a conffile in /etc/ct-appliance.
+# and the backup service and timer (not enabled) in /lib/systemd/system, the production config
+# as a conffile in /etc/ct-appliance.
 # File dates come from SOURCE_DATE_EPOCH (the last commit) so the package is reproducible too.
 # Usage: packaging/build-deb.sh VERSION BINARY OUT.deb   (run from the repository root)
 set -eu
@@ -21,7 +22,8 @@ umask 022
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/ct-appliance" \
     "$root/usr/lib/ct-appliance" "$root/usr/share/doc/ct-appliance"
 install -m 0755 "$binary" "$root/usr/bin/ct-appliance"
-install -m 0644 systemd/ct-appliance.service "$root/lib/systemd/system/"
+install -m 0644 systemd/ct-appliance.service systemd/ct-appliance-backup.service \
+    systemd/ct-appliance-backup.timer "$root/lib/systemd/system/"
 install -m 0644 packaging/config.yaml "$root/etc/ct-appliance/config.yaml"
 install -m 0755 packaging/example-import "$root/usr/lib/ct-appliance/example-import"
 for doc in docs/INSTALL.md config.example.yaml README.md systemd/port-443.conf; do

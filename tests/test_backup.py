@@ -296,3 +296,18 @@ def test_cli_backup_and_restore_exit_codes(
     err = capsys.readouterr().err
     assert err.startswith("ct-appliance restore: ") and "--force" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_restore_as_root_gives_the_files_to_the_owner_of_the_store_directory(
+    store_with: tuple[Path, list[tuple[str, int]]], tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as `sudo ct-appliance restore` runs")
+    path, _ = store_with
+    backup.backup(path, tmp_path / "b")
+    target = tmp_path / "service-owned"  # as systemd leaves a DynamicUser= state directory
+    target.mkdir(mode=0o700)
+    os.chown(target, 61234, 61234)
+    backup.restore(tmp_path / "b", target, force=False)
+    owners = {(p.name, p.stat().st_uid, p.stat().st_gid) for p in target.iterdir()}
+    assert owners == {("data.mdb", 61234, 61234), ("server.lock", 61234, 61234)}
