@@ -20,6 +20,9 @@ Theory of operation
   out after the backup are never handed out again), fsync'd and renamed in. Forced, the old
   index goes first, then data.mdb is replaced by one rename, then its lock file: whatever
   interrupts it leaves the old inbox or the restored one, each with no index or its own.
+* Run as root on a store directory a service user owns (systemd's DynamicUser=), what the
+  restore writes becomes that user's, plus an empty `index/` of its own: systemd re-owns a
+  state directory at start only when its top is not the user's already.
 """
 
 from __future__ import annotations
@@ -279,7 +282,7 @@ def _restore(src: Path, store_path: Path, manifest: Manifest, force: bool) -> Re
         first_seq = manifest.last_seq + 1
         instance = _begin_epoch(staging, first_seq)
         _fsync_and_hash(staged, digest=False)
-        _owned_like(store_path, staged, store_path / LOCK_FILE)
+        service_owned = _owned_like(store_path, staged, store_path / LOCK_FILE)
         replaced = []
         if (store_path / "index").exists():
             shutil.rmtree(store_path / "index")
@@ -290,6 +293,11 @@ def _restore(src: Path, store_path: Path, manifest: Manifest, force: bool) -> Re
         with contextlib.suppress(FileNotFoundError):
             (store_path / "lock.mdb").unlink()
             replaced.append("lock.mdb")
+        if service_owned:
+            # An empty index directory of the service's own: an index that a command run as
+            # root creates in it before the server starts is one the server can replace.
+            (store_path / "index").mkdir(mode=0o700)
+            _owned_like(store_path, store_path / "index")
         _fsync_dir(store_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -328,14 +336,17 @@ def _exclusive(store_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _owned_like(directory: Path, *paths: Path) -> None:
+def _owned_like(directory: Path, *paths: Path) -> bool:
     """Run as root on a store a service user owns (DynamicUser=): what the restore wrote (the
     inbox, and the lock file if it made it) becomes that user's, or the service could not open
-    it (systemd re-owns a state directory at start only when its top is not the user's)."""
+    it (systemd re-owns a state directory at start only when its top is not the user's).
+    Whether it was such a store."""
     st = directory.stat()
-    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-        for path in paths:
-            os.chown(path, st.st_uid, st.st_gid)
+    if os.geteuid() != 0 or (st.st_uid, st.st_gid) == (0, 0):
+        return False
+    for path in paths:
+        os.chown(path, st.st_uid, st.st_gid)
+    return True
 
 
 # -- reading a copy -----------------------------------------------------------------------

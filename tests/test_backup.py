@@ -310,4 +310,5 @@ def test_restore_as_root_gives_the_files_to_the_owner_of_the_store_directory(
     os.chown(target, 61234, 61234)
     backup.restore(tmp_path / "b", target, force=False)
     owners = {(p.name, p.stat().st_uid, p.stat().st_gid) for p in target.iterdir()}
-    assert owners == {("data.mdb", 61234, 61234), ("server.lock", 61234, 61234)}
+    assert owners == {(n, 61234, 61234) for n in ("data.mdb", "server.lock", "index")}
+    assert list((target / "index").iterdir()) == []  # no index: the server rebuilds it
