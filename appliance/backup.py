@@ -175,8 +175,11 @@ def prune(root: Path, keep: int) -> list[Path]:
 
 
 def _refuse_existing(dest: Path) -> None:
-    if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
-        return
+    try:
+        if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+            return
+    except OSError as e:
+        raise CommandFailed(f"cannot look into {dest}: {e.strerror}") from None
     if dest.exists() or dest.is_symlink():
         what = "holds a backup" if (dest / MANIFEST).exists() else "exists and is not empty"
         raise CommandFailed(f"{dest} {what}; give a new directory")
