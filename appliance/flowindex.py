@@ -15,7 +15,7 @@ costs ~35 bytes per flow id on disk (the old layout, `'=' + id` -> 8-byte seq: ~
 Invariants
 ----------
 I1. A delivery's claimed flow ids are exactly its record's `flows`, plus its parts while it is
-    `receiving` (`claimed_flows`). Records are never deleted, and their flows never change
+    `receiving` (`Lookup.holds`). Records are never deleted, and their flows never change
     once the record is not `receiving`.
 I2. A flow id F is claimed by delivery S iff either `flows[key(F)]` = S and F is among S's
     claimed ids, or `flows_exact[F]` = S. `flows_exact[F]` exists only when `flows[key(F)]`
@@ -92,11 +92,17 @@ def value_owner(raw: bytes | memoryview) -> int:
 class Lookup:
     """Exact lookups and claims inside one write (or read) transaction.
 
-    `known` maps seqs of deliveries that are not `receiving` to their claimed ids (immutable,
-    I1): a caller may carry it across transactions (intake.py does, across the steps of one
-    big delivery), fed only from `learned` once this transaction committed."""
+    `holds(seq, flow_id)` answers from, in order:
+    * `known`: seqs of deliveries that are not `receiving` -> their claimed ids (immutable,
+      I1). A caller may carry it across transactions (intake.py does, across the steps of one
+      big delivery), fed only from `learned` once this transaction committed.
+    * the record itself, read in this transaction (then kept in `learned`);
+    * for a delivery still `receiving`: `inbox.receiving`, the ids its committed steps claimed
+      (intake.py keeps it, in this process, before the next transaction begins), plus
+      `txn.claims`, those claimed in this transaction; or, when this process is not the one
+      accepting it (recovery after a crash), its parts, read and decoded once per Lookup."""
 
-    __slots__ = ("inbox", "txn", "itxn", "flows", "exact", "key", "known", "learned")
+    __slots__ = ("inbox", "txn", "itxn", "flows", "exact", "key", "known", "learned", "parts")
 
     def __init__(self, inbox: Inbox, txn: Txn, known: dict[int, frozenset[str]] | None = None):
         self.inbox, self.txn = inbox, txn
@@ -105,20 +111,29 @@ class Lookup:
         self.key = inbox.store.index_keyer
         self.known = known if known is not None else {}
         self.learned: dict[int, frozenset[str]] = {}
+        self.parts: dict[int, set[str]] = {}  # receiving deliveries, from their parts
 
-    def claimed_flows(self, seq: int) -> frozenset[str]:
-        """The flow ids delivery `seq` claimed (I1), as this transaction sees them."""
+    def holds(self, seq: int, flow_id: str) -> bool:
+        """Whether delivery `seq` claimed `flow_id` (I1), as this transaction sees it."""
         found = self.known.get(seq) or self.learned.get(seq)
         if found is not None:
-            return found
+            return flow_id in found
+        live = self.inbox.receiving.get(seq)
+        if live is not None:
+            return flow_id in live or flow_id in self.txn.claims.get(seq, ())
+        parts = self.parts.get(seq)
+        if parts is not None:
+            return flow_id in parts
         raw = self.txn.get(seq_key(seq), db=self.inbox.dbs.deliveries)
         if raw is None:
-            return frozenset()
+            return False
         flows, complete = decode_claimed(raw)
-        if not complete:
-            return frozenset(flows).union(self.inbox.parts_of_txn(self.txn, seq))
-        found = self.learned[seq] = frozenset(flows)
-        return found
+        if complete:
+            found = self.learned[seq] = frozenset(flows)
+            return flow_id in found
+        parts = self.parts[seq] = set(flows).union(self.inbox.parts_of_txn(self.txn, seq))
+        parts |= self.txn.claims.get(seq, set())
+        return flow_id in parts
 
     def owner(self, flow_id: str) -> int | None:
         """The seq of the delivery that claimed `flow_id`, or None when it is new."""
@@ -126,7 +141,7 @@ class Lookup:
         if raw is None:
             return None
         holder = value_owner(raw)
-        if flow_id in self.claimed_flows(holder):
+        if self.holds(holder, flow_id):
             return holder
         raw = self.itxn.get(flow_key(flow_id), db=self.exact)
         return key_seq(raw) if raw is not None else None
@@ -155,7 +170,7 @@ class Lookup:
                     owners.add(key_seq(other))
                 continue
             held_by = value_owner(holder)
-            if flow_id in self.claimed_flows(held_by):
+            if self.holds(held_by, flow_id):
                 if want_owners:
                     owners.add(held_by)
                 continue
@@ -178,7 +193,7 @@ class Lookup:
         get, flows = self.itxn.get, self.flows
         for flow_id, k in zip(ids, keys, strict=True):
             holder = get(k, db=flows)
-            if holder != value and flow_id not in self.claimed_flows(value_owner(holder)):
+            if holder != value and not self.holds(value_owner(holder), flow_id):
                 added += self.itxn.put(
                     flow_key(flow_id), seq_key(seq), overwrite=False, db=self.exact
                 )
@@ -228,7 +243,16 @@ def recover(inbox: Inbox) -> dict[str, Any]:
         out["seconds"] = round(time.monotonic() - started, 2)
         log.warning("flow index rebuilt from the inbox", extra={"fields": dict(out)})
     store.index_reset = None
+    store.catch_up_index = lambda: catch_up(inbox)
     return out
+
+
+def catch_up(inbox: Inbox) -> int:
+    """Replay what the index has not applied yet: records past its applied seq, and the parts
+    of deliveries still receiving. Idempotent; entries added."""
+    added = _replay(inbox, None)
+    added += inbox.store.write(lambda txn: _replay_parts_txn(inbox, txn))
+    return added
 
 
 def rebuild(inbox: Inbox) -> int:

@@ -175,6 +175,9 @@ class Inbox:
         self.epochs = instance_epochs(store)  # changes only by a restore, server stopped
         self.instance = self.epochs[-1][1]  # names the deliveries stored from now on
         self._current_from = self.epochs[-1][0]
+        # Flow ids claimed by each delivery this process is accepting over several commits,
+        # as committed so far (intake.py keeps it; flowindex.Lookup reads it).
+        self.receiving: dict[int, set[str]] = {}
 
     def instance_of(self, seq: int) -> str:
         """The instance id that names `seq`: the one of the epoch it falls in."""

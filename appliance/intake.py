@@ -120,6 +120,7 @@ class Acceptance:
             ib.begin_receiving_txn(txn, seq, self.item)
         if step.new:
             ib.put_part_txn(txn, seq, self.parts, step.new)
+            txn.claims.setdefault(seq, set()).update(step.new)  # for later lookups in txn
             step.part = True
         return step
 
@@ -160,7 +161,11 @@ class Acceptance:
         self.owners |= step.owners
         self.known.update(step.learned)  # read in a transaction that is now durable
         self.parts += step.part
+        if step.part and step.seq is not None:  # before the writer's next transaction
+            self.inbox.receiving.setdefault(step.seq, set()).update(step.new)
         if step.done is not None:
+            if self.seq is not None:
+                self.inbox.receiving.pop(self.seq, None)  # its record now holds every id
             self.result = step.done
             return True
         return False

@@ -126,7 +126,7 @@ class Txn:
     """One operation's view of both environments: inbox calls go to the inbox transaction,
     calls naming an index database go to the index transaction (begun on first use)."""
 
-    __slots__ = ("inbox", "_index", "_index_env", "_index_dbs", "_write", "_staged")
+    __slots__ = ("inbox", "_index", "_index_env", "_index_dbs", "_write", "_staged", "claims")
 
     def __init__(self, inbox: Any, index_env: Any, index_dbs: frozenset[int], write: bool) -> None:
         self.inbox = inbox
@@ -135,6 +135,8 @@ class Txn:
         self._index_dbs = index_dbs
         self._write = write
         self._staged: dict[tuple[int, bytes], tuple[Any, Any, Callable[[Any], bytes]]] = {}
+        # Flow ids claimed in this transaction by deliveries still receiving (flowindex.py).
+        self.claims: dict[int, set[str]] = {}
 
     @property
     def index(self) -> Any:
@@ -192,7 +194,10 @@ class Txn:
             raise
         if index is not None:
             if commit:
-                index.commit()
+                try:
+                    index.commit()
+                except lmdb.Error as e:  # the inbox is committed: it must not be run again
+                    raise _IndexBehind(e) from e
             else:
                 index.abort()
 
@@ -233,6 +238,9 @@ class Store:
         self._gate = _Gate()
         self.index_reset: str | None = None  # why the index was made anew, if it was
         self.index_keyer: Callable[[str], bytes] = _no_keyer  # set by _open_index
+        # Replays the inbox into the index past its applied seq (set by flowindex.recover).
+        self.catch_up_index: Callable[[], object] | None = None
+        self._catching_up = False
         self.available = True
         self.last_error: str | None = None
         try:
@@ -411,7 +419,10 @@ class Store:
             return [e] * len(fns)
 
     def _commit(self, fns: list[Callable[[Txn], Any]]) -> list[Any]:
+        if self._short_of_room(self.index_env):  # fewer batches aborted by a full index map
+            self._grow(only=self.index_env)
         for _ in range(40):
+            behind: lmdb.Error | None = None
             try:
                 with self._gate.shared():
                     txn = self._txn(write=True)
@@ -427,7 +438,14 @@ class Store:
                     except BaseException:
                         txn.finish(commit=False)
                         raise
-                    txn.finish(commit=True)
+                    try:
+                        txn.finish(commit=True)
+                    except _IndexBehind as e:
+                        behind = e.error
+                if behind is not None:
+                    if self._catching_up:  # a replay transaction: the inbox holds nothing of it
+                        raise behind
+                    self._catch_up_index(behind)
                 self._set_available()
                 return results
             except lmdb.MapFullError:
@@ -446,12 +464,33 @@ class Store:
                 raise StoreError(f"store write failed: {e}") from None
         raise StoreFull("the store map could not grow far enough")
 
-    def _grow(self) -> None:
+    def _catch_up_index(self, error: lmdb.Error) -> None:
+        """The inbox committed and the index did not (its map filled while LMDB wrote its free
+        list, say): the batch's claims are durable in the inbox's records and missing from the
+        index. Running the batch again would store its deliveries twice, so it is not: the
+        index is caught up from the inbox (`catch_up_index`, set by flowindex.recover) before
+        this writer commits anything else, and the batch's results stand."""
+        log.warning(
+            "the flow index commit failed after the inbox commit; catching the index up",
+            extra={"fields": {"error": str(error)}},
+        )
+        if isinstance(error, lmdb.MapFullError):
+            self._grow(only=self.index_env)
+        if self.catch_up_index is None:
+            self._mark_unavailable("the flow index is behind the inbox")
+            raise StoreError("the flow index is behind the inbox: restart to catch it up")
+        self._catching_up = True
+        try:
+            self.catch_up_index()
+        finally:
+            self._catching_up = False
+
+    def _grow(self, only: Any = None) -> None:
         """After a MapFullError (LMDB does not say which environment): grow each one short of
         room, or both when neither looks short (one transaction needed more than that)."""
         with self._gate.exclusive():
             short = [env for env in self.envs if self._short_of_room(env)]
-            for env in short or self.envs:
+            for env in [only] if only is not None else short or self.envs:
                 current = env.info()["map_size"]
                 if current >= MAX_MAP_BYTES:
                     self._mark_unavailable("map full at its maximum size")
@@ -543,6 +582,14 @@ def index_keyer(env: Any, flows: Any, meta: Any) -> Callable[[str], bytes]:
 
 def _no_keyer(flow_id: str) -> bytes:
     raise AssertionError("the index is not open")
+
+
+class _IndexBehind(Exception):
+    """The inbox transaction committed and the index transaction did not."""
+
+    def __init__(self, error: lmdb.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _OperationFailed(Exception):
