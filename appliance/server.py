@@ -159,17 +159,24 @@ async def run(loaded: Loaded) -> None:
 async def _recover(backend: Backend) -> dict[str, Any]:
     """Make the store consistent (the flow index caught up with the inbox) before accepting
     anything: a stale index could answer `accepted` for a known flow id. A full disk here is
-    waited out, not fatal."""
-    tries = 0
-    while True:
-        try:
-            return await trio.to_thread.run_sync(backend.recover)
-        except StoreFull as e:
-            if tries % 30 == 0:
-                log.error("cannot prepare the store; retrying", extra=logs.fields(error=str(e)))
-                sdnotify.notify(f"STATUS=store unavailable at start: {e}; retrying")
-            tries += 1
-            await trio.sleep(1.0)
+    waited out, not fatal. Meanwhile systemd is asked to wait (a rebuild outlasts
+    `TimeoutStartSec`)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            sdnotify.extend_start_loop, "preparing the store: catching up the flow index"
+        )
+        tries = 0
+        while True:
+            try:
+                out: dict[str, Any] = await trio.to_thread.run_sync(backend.recover)
+                nursery.cancel_scope.cancel()
+                return out
+            except StoreFull as e:
+                if tries % 30 == 0:
+                    log.error("cannot prepare the store; retrying", extra=logs.fields(error=str(e)))
+                    sdnotify.notify(f"STATUS=store unavailable at start: {e}; retrying")
+                tries += 1
+                await trio.sleep(1.0)
 
 
 async def _run(loaded: Loaded, backend: Backend) -> None:

@@ -124,3 +124,25 @@ async def test_watchdog_loop_pings_every_half_period(
             break
     # Virtual time: pings at t = 0, 0.1, 0.2 and 0.3, then the deadline.
     assert pings == [b"WATCHDOG=1"] * 4
+
+
+async def test_a_long_start_asks_systemd_to_wait(listener: socket.socket) -> None:
+    """While the store is prepared before READY=1 (a flow-index rebuild outlasts
+    TimeoutStartSec at 10 M ids), systemd is asked for more time, told why, and the watchdog
+    is pinged; nothing is sent once the work is done."""
+    listener.settimeout(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sdnotify.extend_start_loop, "rebuilding", 0.05)
+        await trio.sleep(0.18)
+        nursery.cancel_scope.cancel()
+    got = []
+    while True:
+        try:
+            got.append(listener.recv(4096))
+        except BlockingIOError:
+            break
+    assert len(got) >= 2  # one every 0.05 s for 0.18 s (fewer only on a stalled loop)
+    assert set(got) == {b"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=rebuilding\nWATCHDOG=1"}
+    await trio.sleep(0.1)
+    with pytest.raises(BlockingIOError):
+        listener.recv(4096)
