@@ -58,7 +58,6 @@ class Step:
     owners: set[int] = field(default_factory=set)
     part: bool = False
     done: Accepted | None = None
-    learned: dict[int, frozenset[str]] = field(default_factory=dict)
 
 
 class Acceptance:
@@ -76,7 +75,6 @@ class Acceptance:
         self.parts = 0
         self.cut_short = False
         self.result: Accepted | None = None
-        self.known: dict[int, frozenset[str]] = {}  # owners' claimed ids (flowindex.Lookup)
 
     # -- one step, inside one write transaction; changes nothing on self -------------------
     def step(self, txn: Txn) -> Step:
@@ -85,7 +83,7 @@ class Acceptance:
         ib, dbs, ids = self.inbox, self.inbox.dbs, self.ids
         pos, seq, end = self.pos, self.seq, min(self.pos + self.slice, len(ids))
         step = Step(pos, seq)
-        lookup = Lookup(ib, txn, self.known)
+        lookup = Lookup(ib, txn)
         want = self.item.want_owners
         if seq is None:
             owner_of = lookup.owner
@@ -102,7 +100,7 @@ class Acceptance:
             step.new, claimed_by = lookup.claim(seq, ids[pos:end], want)
             step.owners |= claimed_by
             pos = end
-        step.pos, step.seq, step.learned = pos, seq, lookup.learned
+        step.pos, step.seq = pos, seq
         last = pos == len(ids)
         d, at = self.item.delivery, self.item.received_at
         if seq is None:
@@ -159,7 +157,6 @@ class Acceptance:
         self.pos, self.seq = step.pos, step.seq
         self.new += step.new
         self.owners |= step.owners
-        self.known.update(step.learned)  # read in a transaction that is now durable
         self.parts += step.part
         if step.part and step.seq is not None:  # before the writer's next transaction
             self.inbox.receiving.setdefault(step.seq, set()).update(step.new)

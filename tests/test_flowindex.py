@@ -14,17 +14,20 @@ import tempfile
 import zlib
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance import flowindex
 from appliance.inbox import Inbox
-from appliance.intake import Acceptance
+from appliance.intake import Acceptance, accept_txn
 from appliance.payload import Delivery
 from appliance.record import Incoming
 from appliance.store import Store
 
-FLOW_IDS = st.text(alphabet="abcdefg", min_size=1, max_size=3)
+# Plain ASCII ids (found in the record's bytes) and ids with a quote, a backslash, a non-ASCII
+# letter (checked against the decoded record), with JSON's delimiters among them.
+FLOW_IDS = st.text(alphabet='ab:"\\é,]', min_size=1, max_size=3)
 DELIVERIES = st.lists(st.lists(FLOW_IDS, max_size=10, unique=True), min_size=1, max_size=10)
 
 
@@ -50,6 +53,10 @@ class Model:
             if fid not in self.owner:
                 self.owner[fid] = n
                 self.claimed.setdefault(n, []).append(fid)
+
+
+def incoming(ids: list[str]) -> Incoming:
+    return Incoming(Delivery(tuple(ids), "run", "ghost", 0), b"{}", 1e9, want_owners=True)
 
 
 def owners(store: Store, inbox: Inbox, ids: list[str]) -> dict[str, int | None]:
@@ -130,3 +137,28 @@ def test_a_collision_with_an_earlier_slice_of_the_same_delivery_is_not_new(
     assert b.result is not None and b.result.new == 1
     assert a.result is not None and (a.result.new, a.result.duplicate) == (1, 1)
     assert owners(store, inbox, ["a", "b"]) == {"a": a.result.seq, "b": b.result.seq}
+
+
+@pytest.mark.parametrize(
+    "earlier,later",
+    [
+        ([",,", "]"], ","),  # '","' sits between the two elements of the earlier record
+        (["x:", "y"], ":"),
+        (["q", '"'], "q"),  # a real element next to an escaped quote: found
+        (['a\\"', "b"], "a"),
+        (["é", "e"], "é"),
+        (["run-1"], "run"),
+    ],
+)
+def test_an_id_is_never_found_inside_another_record_s_syntax(
+    tmp_path: Path, earlier: list[str], later: str
+) -> None:
+    """With one hash key for every id, each answer rests on the record check alone."""
+    store = Store(tmp_path, index_keyer=lambda fid: b"\x00" * 8)
+    inbox = Inbox(store)
+    flowindex.recover(inbox)
+    first = store.write(lambda t: accept_txn(inbox, t, incoming(earlier)))
+    again = store.write(lambda t: accept_txn(inbox, t, incoming([later])))
+    held = later in earlier
+    assert (again.status, again.new) == (("duplicate", 0) if held else ("accepted", 1))
+    assert owners(store, inbox, [later]) == {later: first.seq if held else again.seq}
