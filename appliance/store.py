@@ -62,7 +62,7 @@ T = TypeVar("T")
 DB_NAMES = ("deliveries", "bodies", "attempts", "queue", "dead", "done", "runs", "state", "parts")
 INDEX_DB_NAMES = ("flows", "flows_exact", "index_meta")
 INDEX_INITIAL_MAP = 1 << 20
-INDEX_GROWTH_MIN = 1 << 20
+INDEX_GROWTH_MIN = 8 << 20
 LOCK_FILE = "server.lock"
 MAX_BATCH = 512
 MAX_MAP_BYTES = 1 << 40
@@ -420,7 +420,7 @@ class Store:
 
     def _commit(self, fns: list[Callable[[Txn], Any]]) -> list[Any]:
         if self._short_of_room(self.index_env):  # fewer batches aborted by a full index map
-            self._grow(only=self.index_env)
+            self._grow(only=self.index_env, ahead=True)
         for _ in range(40):
             behind: lmdb.Error | None = None
             try:
@@ -485,9 +485,11 @@ class Store:
         finally:
             self._catching_up = False
 
-    def _grow(self, only: Any = None) -> None:
+    def _grow(self, only: Any = None, ahead: bool = False) -> None:
         """After a MapFullError (LMDB does not say which environment): grow each one short of
-        room, or both when neither looks short (one transaction needed more than that)."""
+        room, or both when neither looks short (one transaction needed more than that).
+        `ahead`: growing before a batch that may still fit; no room on disk is then no error
+        (the batch's own MapFullError, if it comes, says the store is full)."""
         with self._gate.exclusive():
             short = [env for env in self.envs if self._short_of_room(env)]
             for env in [only] if only is not None else short or self.envs:
@@ -500,6 +502,8 @@ class Store:
                     try:
                         _allocate(self.path / "index" / "data.mdb", new)
                     except OSError as e:
+                        if ahead:
+                            return
                         self._mark_unavailable("disk full")
                         raise StoreFull(f"no space left to grow the flow index: {e}") from None
                 else:  # sparse: doubling costs address space, not disk

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -222,6 +223,7 @@ def _indexed(flows: int) -> Callable[[Ctx, Path], Target]:
         group = memcg.Group(f"ct-bench-{rdir.name}", ctx.memory_max) if ctx.memory_max else None
         copy = ["cp", "-a", "--reflink=auto", str(template), str(store)]
         subprocess.run(group.argv(copy) if group else copy, check=True)
+        os.sync()  # the copy's writeback (13 GB at 100 M) is the harness's, not the server's
         server, url, _ = start_app(ctx, rdir, store, pause=True, group=group)
         f = ctx.files
         return Target(server, url, f["warm"], f["sat"], f["paced"], [], store, group)

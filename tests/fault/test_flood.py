@@ -113,7 +113,7 @@ def test_body_flood_without_credentials_stays_bounded_and_real_deliveries_pass(
 ) -> None:
     """48 connections stream 30 MiB bodies with a wrong signature for 12 s (the attack that
     took the server from 47 to 1,408 MiB). With the default budget the server stays far under
-    the unit's MemoryMax=1G, answers the excess 503 + Retry-After, and every real delivery sent
+    the unit's MemoryHigh=1G, answers the excess 503 + Retry-After, and every real delivery sent
     during the flood is answered 200."""
     app = make_appliance().start()
     assert app.proc is not None
