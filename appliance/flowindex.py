@@ -163,10 +163,7 @@ class Lookup:
     ) -> tuple[list[str], set[int]]:
         """Claim `ids` (distinct) for delivery `seq`: the ids that were new, and when asked,
         the seqs that already owned the others."""
-        key, value = self.key, owner_value(seq)
-        keys = [key(flow_id) for flow_id in ids]
-        with self.itxn.cursor(db=self.flows) as cur:
-            added = cur.putmulti([(k, value) for k in keys], overwrite=False)[1]
+        keys, value, added = self._add(seq, ids)
         if added == len(keys):
             return list(ids), set()
         new: list[str] = []
@@ -192,14 +189,19 @@ class Lookup:
                 owners.add(key_seq(get(flow_key(flow_id), db=exact)))
         return new, owners
 
+    def _add(self, seq: int, ids: Sequence[str]) -> tuple[list[bytes], bytes, int]:
+        """One `putmulti(overwrite=False)` of `ids`' keys for `seq`: (keys, value, added)."""
+        value = owner_value(seq)
+        keys = [self.key(flow_id) for flow_id in ids]
+        with self.itxn.cursor(db=self.flows) as cur:
+            added: int = cur.putmulti([(k, value) for k in keys], overwrite=False)[1]
+        return keys, value, added
+
     def apply(self, seq: int, ids: Iterable[str]) -> int:
         """Replay: re-apply the claims of delivery `seq` (ids it claimed, per I1). Idempotent;
         returns how many entries were added."""
         ids = list(ids)
-        key, value = self.key, owner_value(seq)
-        keys = [key(flow_id) for flow_id in ids]
-        with self.itxn.cursor(db=self.flows) as cur:
-            added: int = cur.putmulti([(k, value) for k in keys], overwrite=False)[1]
+        keys, value, added = self._add(seq, ids)
         if added == len(keys):
             return added
         get, flows = self.itxn.get, self.flows
@@ -253,12 +255,6 @@ def owners_txn(inbox: Inbox, txn: Txn, flow_ids: Sequence[str]) -> list[FlowOwne
         seq = lookup.owner(flow_id)
         out.append(FlowOwner(flow_id, seq, inbox.load_txn(txn, seq) if seq is not None else None))
     return out
-
-
-def indexed_txn(inbox: Inbox, txn: Txn) -> int:
-    """How many flow ids the index holds."""
-    dbs = inbox.dbs
-    return int(txn.stat(dbs.flows)["entries"] + txn.stat(dbs.flows_exact)["entries"])
 
 
 # -- recovery --------------------------------------------------------------------------------

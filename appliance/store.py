@@ -31,7 +31,7 @@ Theory of operation
   into the shared map; a write into a hole of a sparse file on a full disk would be a SIGBUS,
   not an error. So the index file is `posix_fallocate`d to the whole map before the map is
   used or grown: a full disk is an ENOSPC at growth (503, probed until space returns, like
-  the inbox). The map grows in steps of 1/32 (at least 1 MiB), so the blocks on disk stay
+  the inbox). The map grows in steps of 1/32 (at least 8 MiB), so the blocks on disk stay
   within ~3 % of the pages in use (the index's bytes per flow id are measured in blocks).
 * Several processes. The server and the CLI may open the same environments (LMDB's lock file
   serialises writers). Each process opens them once; a forked child never touches them.
