@@ -21,6 +21,9 @@ import httpx
 import pytest
 import yaml
 
+# Real PostgreSQL: a session cluster and a fresh database per test (see tests/pgcluster.py).
+from .pgcluster import pg_cluster, pg_dsn  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + "ab" * 16
 EXAMPLE_IMPORTER = ROOT / "examples" / "jsonl_importer.py"
