@@ -27,13 +27,15 @@ from quart_trio import QuartTrio
 from . import statuspage
 from .config import AdminConfig, is_loopback, split_bind
 from .durations import parse_duration
+from .errors import StoreError
 from .metrics import signals
-from .record import State, dead_letter
+from .record import InboxSummary, Record, State, dead_letter
 from .reload import summary
 from .runtime import Runtime
 from .version import build_info
 
 DEFAULT_WINDOW_SECONDS = 900.0
+EMPTY_INBOX = InboxSummary(0, 0, 0, 0, 0, 0, 0, 0, None, 0, False)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 CHALLENGES = ('Basic realm="ct-appliance"', 'Bearer realm="ct-appliance"')
 
@@ -41,11 +43,18 @@ CHALLENGES = ('Basic realm="ct-appliance"', 'Bearer realm="ct-appliance"')
 async def status_document(rt: Runtime, window_seconds: float) -> dict[str, Any]:
     version, commit, built = build_info()
     cfg = rt.live.config
-    counts = await trio.to_thread.run_sync(rt.backend.summary)
+    backend = rt.backend
+
+    def read() -> tuple[InboxSummary, list[Record], list[dict[str, Any]]]:
+        return backend.summary(), backend.records(state=State.DEAD, limit=10), backend.peers()
+
+    store_error = None
+    try:
+        counts, recent_dead, appliances = await trio.to_thread.run_sync(read)
+    except StoreError as e:  # the database is unreachable: say so, and everything else
+        counts, recent_dead, appliances = EMPTY_INBOX, [], []
+        store_error = str(e)
     inbox = counts.as_dict(time.time())
-    recent_dead = await trio.to_thread.run_sync(
-        lambda: rt.backend.records(state=State.DEAD, limit=10)
-    )
     ready, why = rt.ready()
     return {
         "version": version,
@@ -60,6 +69,8 @@ async def status_document(rt: Runtime, window_seconds: float) -> dict[str, Any]:
         "importer_paused": inbox["paused"],
         "inbox": inbox,
         "recent_dead": [dead_letter(r) for r in recent_dead],
+        "store": {"backend": cfg.store.backend, "error": store_error},
+        "appliances": appliances,
         "launch_window": signals(rt.metrics.window, window_seconds, counts),
         "last_reload": rt.last_reload,
         "config": summary(cfg),

@@ -1,8 +1,8 @@
 """The one interface between the appliance and where its deliveries are kept.
 
 The request path, the dispatcher, the admin listener and the CLI use only this `Backend`; the
-embedded LMDB store (lmdbbackend.py) implements it, and so will the PostgreSQL store for several
-appliances. A backend keeps records and flow-id claims; it does not decide how a record moves:
+embedded LMDB store (lmdbbackend.py) implements it, and so does the PostgreSQL store shared by
+several appliances (pgbackend.py). A backend keeps records and flow-id claims; it does not decide how a record moves:
 every write below loads a record, applies one function of lifecycle.py, and stores the result
 in one durable transaction, so the rules of spec §5 are written once, in lifecycle.py.
 
@@ -17,10 +17,14 @@ What every implementation guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
+
+if TYPE_CHECKING:
+    from .config import Config
 
 from .record import (
     Accepted,
@@ -38,7 +42,13 @@ from .record import (
 
 
 class Backend(Protocol):
-    instance: str  # drawn once per store: delivery ids are <instance>-<seq>
+    @property
+    def instance(self) -> str:
+        """Drawn once per store: delivery ids are <instance>-<seq>."""
+
+    # Imports leased to one of several appliances sharing the store (PostgreSQL): the
+    # dispatcher renews its running attempts' leases; None: this process alone runs imports.
+    lease_seconds: float | None
 
     # -- life -------------------------------------------------------------------------------
     def recover(self) -> dict[str, Any]:
@@ -82,7 +92,15 @@ class Backend(Protocol):
         """Up to `limit` pending seqs due now, FIFO; and the earliest later due time."""
 
     async def start(self, seqs: Sequence[int], now: float) -> list[Started | None]:
-        """Start an attempt of each (pending -> importing); None where it is no longer pending."""
+        """Start an attempt of each (pending -> importing); None where it is no longer pending
+        (or another appliance started it)."""
+
+    async def reclaim(self, now: float) -> list[int]:
+        """Attempts whose appliance stopped renewing their lease go back to pending (reruns);
+        with one appliance, never any."""
+
+    async def renew(self, seqs: Iterable[int]) -> set[int]:
+        """Extend the leases of attempts running here; the seqs whose lease is still ours."""
 
     async def finish(
         self,
@@ -141,3 +159,34 @@ class Backend(Protocol):
     def run(self, run_id: str) -> RunStats | None: ...
 
     def delivery_id(self, seq: int) -> str: ...
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The appliances sharing this store, seen recently (empty for the embedded store)."""
+
+
+def appliance_name(cfg: Config) -> str:
+    """How this appliance is known to the others sharing a store: host and webhook port
+    (two appliances on one host listen on different ports)."""
+    port = cfg.listen.bind[0].rpartition(":")[2] if cfg.listen.bind else "0"
+    return f"{socket.gethostname()}:{port}"
+
+
+def open_backend(cfg: Config, *, serving: bool, create: bool = True) -> Backend:
+    """The store `store.backend` names. `serving`: the server's (group commit, lock held);
+    `create`: an LMDB store may be created where none is."""
+    store = cfg.store
+    if store.backend == "postgresql":
+        from .pgbackend import PgBackend  # psycopg is imported only when it is used
+
+        assert store.postgresql is not None
+        pg = store.postgresql
+        return PgBackend(
+            pg.dsn.value.decode(),
+            name=appliance_name(cfg),
+            pool_size=pg.pool_size,
+            lease_seconds=pg.lease_seconds,
+            serving=serving,
+        )
+    from .lmdbbackend import LmdbBackend
+
+    return LmdbBackend(store.path, initial_map_bytes=store.initial_map_bytes, serving=serving)

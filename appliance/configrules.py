@@ -37,6 +37,7 @@ def validate(cfg: Config, b: Builder, file_mode: int | None) -> list[str]:
     _validate_importer(cfg.importer, b)
     _validate_limits(cfg, b)
     _validate_admin(cfg.admin, b)
+    _validate_store(cfg, b)
     return _risky(cfg, b, file_mode)
 
 
@@ -117,6 +118,45 @@ def _validate_limits(cfg: Config, b: Builder) -> None:
         b.fail(b.line("listen.bind"), "listen.bind", "give at least one address")
 
 
+def _validate_store(cfg: Config, b: Builder) -> None:
+    pg = cfg.store.postgresql
+    if cfg.store.backend == "postgresql" and pg is None:
+        b.fail(b.line("store.backend"), "store.postgresql", "backend postgresql needs this section")
+    if pg is None:
+        return
+    if not 2 <= pg.pool_size <= 100:
+        why = "must be between 2 and 100 (one connection commits, the others read)"
+        b.fail(b.line("store.postgresql.pool_size"), "store.postgresql.pool_size", why)
+    if pg.lease_seconds < 10:
+        why = "must be at least 10 (leases are renewed every lease_seconds / 3)"
+        b.fail(b.line("store.postgresql.lease_seconds"), "store.postgresql.lease_seconds", why)
+    if pg.dsn.value and not _dsn_parses(pg.dsn.value.decode("utf-8", "replace")):
+        why = "not a libpq connection string (keywords or a postgresql:// URI)"
+        b.fail(b.line("store.postgresql.dsn"), "store.postgresql.dsn", why)
+
+
+def _dsn_parses(dsn: str) -> bool:
+    from psycopg.conninfo import conninfo_to_dict  # psycopg only when the backend is used
+
+    try:
+        conninfo_to_dict(dsn)
+    except Exception:
+        return False
+    return True
+
+
+def _dsn_has_password(dsn: bytes) -> bool:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(conninfo_to_dict(dsn.decode("utf-8", "replace")).get("password"))
+    except Exception:
+        return False
+
+
+DSN_PATH = "store.postgresql.dsn"
+
+
 def _validate_admin(admin: AdminConfig, b: Builder) -> None:
     if _split_bind(admin.bind) is None:
         b.fail(b.line("admin.bind"), "admin.bind", f"not HOST:PORT: {admin.bind!r}")
@@ -151,7 +191,11 @@ def _check_url(url: str, path: str, b: Builder) -> None:
 
 def _risky(cfg: Config, b: Builder, file_mode: int | None) -> list[str]:
     """Settings production refuses and alpha warns about; the warnings."""
-    risky: list[tuple[str, str]] = [(p, "a secret given as value:") for p in b.value_secrets]
+    pg = cfg.store.postgresql
+    # A DSN is a secret only when it holds a password (a socket path or a .pgpass does not).
+    dsn_secret = pg is not None and _dsn_has_password(pg.dsn.value)
+    value_secrets = [p for p in b.value_secrets if p != DSN_PATH or dsn_secret]
+    risky: list[tuple[str, str]] = [(p, "a secret given as value:") for p in value_secrets]
     if cfg.testing.fail_first_deliveries > 0:
         risky.append(
             ("testing.fail_first_deliveries", "the retry drill answers 500 to the first deliveries")
@@ -159,7 +203,7 @@ def _risky(cfg: Config, b: Builder, file_mode: int | None) -> list[str]:
     if cfg.listen.tls is None and not cfg.listen.behind_proxy:
         risky.append(("listen", "plain HTTP without TLS and without behind_proxy: true"))
     imp = cfg.importer
-    holds_secret = bool(b.value_secrets or imp.env or imp.headers)
+    holds_secret = bool(value_secrets or imp.env or imp.headers)
     if holds_secret and file_mode is not None and file_mode & (stat.S_IROTH | stat.S_IWOTH):
         risky.append(("(file)", "the file holds secrets and is readable by others (chmod 600)"))
     bearer = cfg.auth.bearer if cfg.auth.mode == "bearer" else None
@@ -173,7 +217,7 @@ def _risky(cfg: Config, b: Builder, file_mode: int | None) -> list[str]:
     if admin_host is not None and not is_loopback(admin_host[0]) and cfg.admin.token is None:
         risky.append(("admin.bind", "not loopback and no admin.token: anyone can read /status"))
     for path, secret in b.resolved:
-        if len(secret.value) < MIN_SECRET_BYTES:
+        if path != DSN_PATH and len(secret.value) < MIN_SECRET_BYTES:
             why = f"shorter than {MIN_SECRET_BYTES} bytes (make one with ct-appliance gen-secret)"
             risky.append((path, why))
     warnings: list[str] = []

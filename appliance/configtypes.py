@@ -96,8 +96,19 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class PostgresConfig:
+    """`store.backend: postgresql`: N appliances share one database (docs/SCALING.md)."""
+
+    dsn: Secret  # a libpq connection string; several hosts fail over (target_session_attrs)
+    pool_size: int = 8
+    lease_seconds: float = 300.0  # a dead appliance's import is re-run by another after this
+
+
+@dataclass(frozen=True)
 class StoreConfig:
+    backend: Literal["lmdb", "postgresql"] = "lmdb"
     path: str = "/var/lib/ct-appliance"
+    postgresql: PostgresConfig | None = None
     retention_days: float = 30.0
     initial_map_bytes: int = 1 << 30
 

@@ -40,6 +40,7 @@ T = TypeVar("T")
 log = logging.getLogger("ct_appliance.importer")
 
 POLL_SECONDS = 1.0
+RECLAIM_SECONDS = 5.0  # how often a shared store is asked for expired import leases
 PRUNE_EVERY_SECONDS = 3600.0
 
 
@@ -88,6 +89,11 @@ class Dispatcher:
         self._waiters: dict[int, list[_Waiter]] = {}
         self._last_prune = 0.0
         self._retired: list[Attempt] = []
+        # Shared store (PostgreSQL): when each running attempt's lease runs out, as far as
+        # this process knows (trio time), and the attempts cancelled for losing it.
+        self._leased_until: dict[int, float] = {}
+        self._lost: set[int] = set()
+        self._last_reclaim = 0.0
         enable_subreaper()
 
     # -- control ----------------------------------------------------------------------------
@@ -140,6 +146,8 @@ class Dispatcher:
             )
         task_status.started()
         async with trio.open_nursery() as nursery:
+            if self.backend.lease_seconds is not None:
+                nursery.start_soon(self._keep_leases, self.backend.lease_seconds)
             while not self._stopping:
                 wake = await self._tick(nursery)
                 poll = trio.current_time() + POLL_SECONDS
@@ -161,7 +169,11 @@ class Dispatcher:
                 return state, [], None
             return (state, *self.backend.due(now, free, exclude))
 
-        state, ready, wake = await trio.to_thread.run_sync(look)
+        try:
+            state, ready, wake = await trio.to_thread.run_sync(look)
+        except StoreError:
+            return None  # the database is unreachable: look again at the next poll
+        await self._reclaim(now)
         if state.paused != self.paused:
             self.paused = state.paused
             what = "importer paused" if self.paused else "importer resumed"
@@ -173,11 +185,13 @@ class Dispatcher:
             started = await self.backend.start(ready, self.clock.now())
         except StoreError:
             return None  # nothing started; the store probe brings writes back, we look again
+        leased_until = trio.current_time() + (self.backend.lease_seconds or 0.0)
         for seq, item in zip(ready, started, strict=True):
             if item is None:
                 continue
             scope = trio.CancelScope()
             self.running[seq] = scope
+            self._leased_until[seq] = leased_until
             nursery.start_soon(self._run_attempt, item.record, item.body, scope)
         return wake
 
@@ -208,6 +222,8 @@ class Dispatcher:
                         result = AttemptResult(Outcome.RETRY, f"internal error: {e!r}"[:200], 0.0)
                 if scope.cancelled_caught:
                     why = "interrupted: appliance stopping"
+                    if seq in self._lost:
+                        why = "interrupted: its lease could not be renewed (store unreachable)"
                     await self._commit(
                         lambda: self.backend.requeue(seq, self.clock.now(), why),
                         "record an interrupted import",
@@ -254,9 +270,62 @@ class Dispatcher:
                 waiter.resolve(seq, state)
         finally:
             del self.running[seq]
+            self._leased_until.pop(seq, None)
+            self._lost.discard(seq)
             self._idle.set()
             self._idle = trio.Event()
             self._wake()
+
+    async def _reclaim(self, now: float) -> None:
+        """Shared store: attempts another appliance stopped renewing go back to pending."""
+        if self.backend.lease_seconds is None or now - self._last_reclaim < RECLAIM_SECONDS:
+            return
+        self._last_reclaim = now
+        try:
+            taken = await self.backend.reclaim(now)
+        except StoreError:
+            return
+        for _ in taken:
+            self.rt.metrics.import_reruns.inc()
+        if taken:
+            log.warning(
+                "re-running deliveries whose appliance stopped renewing their lease",
+                extra=fields(deliveries=len(taken)),
+            )
+            self._wake()
+
+    async def _keep_leases(self, lease: float) -> None:
+        """Renew the leases of running attempts every lease / 3. An attempt whose lease could
+        not be renewed is cancelled a sixth of a lease before it runs out (it stays pending for
+        whoever takes it next), so no attempt ever runs on a lease another appliance may take."""
+        last_renew = trio.current_time()
+        while True:
+            await trio.sleep(lease / 6)
+            now = trio.current_time()
+            if self.running and now - last_renew >= lease / 3:
+                asked = trio.current_time()
+                try:
+                    held = await self.backend.renew(list(self.running))
+                except StoreError as e:
+                    log.error("cannot renew import leases", extra=fields(error=str(e)))
+                else:
+                    last_renew = now
+                    for seq in list(self._leased_until):
+                        if seq in held:
+                            self._leased_until[seq] = asked + lease
+                        else:
+                            self._lose(seq, "another appliance holds its lease")
+            for seq, until in list(self._leased_until.items()):
+                if trio.current_time() > until - lease / 6:
+                    self._lose(seq, "its lease could not be renewed in time")
+
+    def _lose(self, seq: int, why: str) -> None:
+        scope = self.running.get(seq)
+        if scope is None or seq in self._lost:
+            return
+        self._lost.add(seq)
+        log.error("cancelling an import attempt", extra=fields(seq=seq, reason=why))
+        scope.cancel()
 
     async def _maybe_prune(self) -> None:
         now = self.clock.now()
@@ -299,12 +368,21 @@ class Dispatcher:
             self._waiters.setdefault(seq, []).append(waiter)
         try:
             self._wake()
-            states = await trio.to_thread.run_sync(self.backend.states, seqs)
-            for seq, state in states.items():
-                if state in (State.DONE, State.DEAD):
-                    waiter.resolve(seq, state)
-            with trio.move_on_after(bound):
-                await waiter.event.wait()
+            # The import may run in another appliance sharing the store: look at the states
+            # once a second as well as waiting for this dispatcher's own results.
+            deadline = trio.current_time() + bound
+            while waiter.outcome is None and trio.current_time() < deadline:
+                try:
+                    states = await trio.to_thread.run_sync(
+                        self.backend.states, set(waiter.remaining)
+                    )
+                except StoreError:
+                    states = {}
+                for seq, state in states.items():
+                    if state in (State.DONE, State.DEAD):
+                        waiter.resolve(seq, state)
+                with trio.move_on_at(min(deadline, trio.current_time() + POLL_SECONDS)):
+                    await waiter.event.wait()
             return waiter.outcome or f"not imported within {bound:g} s"
         finally:
             for seq in seqs:

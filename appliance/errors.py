@@ -24,6 +24,8 @@
     ├── IllegalTransition          a lifecycle event that the record's state does not allow
     └── StoreError                 the store cannot do what was asked
         ├── StoreFull              disk or map full: writes answer 503 until space is freed
+        ├── StoreUnavailable       the database is down, read-only or failing over: 503
+        ├── SchemaError            the database schema is not this release's (db migrate)
         └── StoreLocked            another process holds the store (server vs maintenance)
 
 The `code` of an HTTPError is also the `outcome` label of ct_appliance_requests_total.
@@ -150,6 +152,15 @@ class StoreError(ApplianceError):
 
 class StoreFull(StoreError):
     """No space left (disk full, or a map that cannot grow): writes fail, reads still work."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot take writes now (down, read-only, failing over): 503 until a
+    write works again."""
+
+
+class SchemaError(StoreError):
+    """The database's schema is not the one this binary was built for."""
 
 
 class StoreLocked(StoreError):

@@ -166,18 +166,13 @@ def delivery_id(instance: str, seq: int) -> str:
     return f"{instance}-{seq:010d}"
 
 
-class Inbox:
-    """Transaction bodies over one Store. Methods named `*_txn` run inside a given txn."""
+class Epochs:
+    """The instance ids that name a store's seqs (`read_epochs`): delivery ids both ways."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.dbs = store.dbs
-        self.epochs = instance_epochs(store)  # changes only by a restore, server stopped
-        self.instance = self.epochs[-1][1]  # names the deliveries stored from now on
-        self._current_from = self.epochs[-1][0]
-        # Flow ids claimed by each delivery this process is accepting over several commits,
-        # as committed so far (intake.py keeps it; flowindex.Lookup reads it).
-        self.receiving: dict[int, set[str]] = {}
+    def __init__(self, epochs: tuple[tuple[int, str], ...]) -> None:
+        self.epochs = epochs
+        self.instance = epochs[-1][1]  # names the deliveries stored from now on
+        self._current_from = epochs[-1][0]
 
     def instance_of(self, seq: int) -> str:
         """The instance id that names `seq`: the one of the epoch it falls in."""
@@ -196,6 +191,29 @@ class Inbox:
             return None
         seq = int(num)
         return seq if not dash or instance == self.instance_of(seq) else None
+
+
+class Inbox:
+    """Transaction bodies over one Store. Methods named `*_txn` run inside a given txn."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dbs = store.dbs
+        self.names = Epochs(instance_epochs(store))  # changes only by a restore, server stopped
+        self.epochs = self.names.epochs
+        self.instance = self.names.instance  # names the deliveries stored from now on
+        # Flow ids claimed by each delivery this process is accepting over several commits,
+        # as committed so far (intake.py keeps it; flowindex.Lookup reads it).
+        self.receiving: dict[int, set[str]] = {}
+
+    def instance_of(self, seq: int) -> str:
+        return self.names.instance_of(seq)
+
+    def delivery_id_of(self, seq: int) -> str:
+        return self.names.delivery_id_of(seq)
+
+    def seq_of(self, text: str) -> int | None:
+        return self.names.seq_of(text)
 
     # -- records: load -> apply -> store ----------------------------------------------------
     def load_txn(self, txn: Txn, seq: int) -> Record | None:

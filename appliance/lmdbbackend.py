@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +50,8 @@ T = TypeVar("T")
 class LmdbBackend:
     """`backend.Backend` over LMDB. `serving=True` (the server) holds the store's lock shared
     and commits through a `GroupCommitter` that `run_writer` drives."""
+
+    lease_seconds: float | None = None  # one process runs every import: nothing to lease
 
     def __init__(
         self, path: str | Path, *, initial_map_bytes: int = 1 << 30, serving: bool = False
@@ -168,6 +170,12 @@ class LmdbBackend:
             return out
 
         return await self._write(start_all)
+
+    async def reclaim(self, now: float) -> list[int]:
+        return []  # only this process starts attempts; `recover_imports` covers a crash
+
+    async def renew(self, seqs: Iterable[int]) -> set[int]:
+        return set(seqs)
 
     async def finish(
         self,
@@ -321,6 +329,9 @@ class LmdbBackend:
 
     def delivery_id(self, seq: int) -> str:
         return self.inbox.delivery_id_of(seq)
+
+    def peers(self) -> list[dict[str, Any]]:
+        return []
 
 
 def run_inline(write: Callable[[], Coroutine[Any, Any, T]]) -> T:

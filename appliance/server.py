@@ -32,7 +32,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from . import admin, connections, http, logs, sdnotify
 from .auth import HmacVerifier, Verifier
-from .backend import Backend
+from .backend import Backend, open_backend
 from .config import Config, Loaded, mask_url
 from .config import load as load_config
 from .dispatcher import Dispatcher
@@ -43,8 +43,8 @@ from .errors import (
     ReloadRefused,
     StoreError,
     StoreFull,
+    StoreUnavailable,
 )
-from .lmdbbackend import LmdbBackend
 from .metrics import Metrics
 from .reload import restart_needed, summarize_changes
 from .runtime import Live, Runtime
@@ -138,9 +138,7 @@ async def run(loaded: Loaded) -> None:
     cfg = loaded.config
     for warning in loaded.warnings:
         log.warning("config warning", extra=logs.fields(detail=warning))
-    backend = LmdbBackend(
-        cfg.store.path, initial_map_bytes=cfg.store.initial_map_bytes, serving=True
-    )
+    backend = open_backend(cfg, serving=True)
     clean = False
     try:
         recovered = await _recover(backend)
@@ -171,7 +169,7 @@ async def _recover(backend: Backend) -> dict[str, Any]:
                 out: dict[str, Any] = await trio.to_thread.run_sync(backend.recover)
                 nursery.cancel_scope.cancel()
                 return out
-            except StoreFull as e:
+            except (StoreFull, StoreUnavailable) as e:
                 if tries % 30 == 0:
                     log.error("cannot prepare the store; retrying", extra=logs.fields(error=str(e)))
                     sdnotify.notify(f"STATUS=store unavailable at start: {e}; retrying")

@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the store in store.path (its data.mdb, lock.mdb and index/)",
     )
 
+    db = command("db", "the PostgreSQL store (store.backend: postgresql)").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    db.required = True
+    p = db.add_parser("migrate", help="create or upgrade the schema (idempotent)")
+    _add_config(p)
+    _add_json(p)
+    p = db.add_parser("import-lmdb", help="move an LMDB store (server stopped) into the database")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("path", metavar="PATH", help="the LMDB store directory (its store.path)")
+
     imp = command("importer", "hold or release importer runs").add_subparsers(
         dest="action", metavar="ACTION"
     )
@@ -215,6 +227,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "backup": _lazy("backup", "backup"),
     "restore": _lazy("backup", "restore"),
     "importer": _lazy("store", "importer"),
+    "db": _lazy("db", "db"),
     "send": _lazy("send", "main"),
     "gen-secret": _gen_secret,
 }

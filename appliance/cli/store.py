@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..backend import Backend
+from ..backend import open_backend as open_store
+from ..configrules import DSN_PATH
 from ..durations import format_age, parse_duration
 from ..errors import CommandFailed
 from ..lmdbbackend import LmdbBackend, run_inline
@@ -22,8 +25,12 @@ from ..record import Record, RecordDetail, RunStats, State
 from .common import EXIT_FAILED, EXIT_OK, emit, load, table, when
 
 
-def open_backend(args: argparse.Namespace, *, must_exist: bool = True) -> LmdbBackend:
-    cfg = load(args).config
+def open_backend(args: argparse.Namespace, *, must_exist: bool = True) -> Backend:
+    """The store the config names: the LMDB directory, or the PostgreSQL database (its DSN
+    is the one secret these commands read)."""
+    cfg = load(args, resolve_only=(DSN_PATH,)).config
+    if cfg.store.backend == "postgresql":
+        return open_store(cfg, serving=False)
     path = Path(cfg.store.path)
     if must_exist and not (path / "data.mdb").exists():
         raise CommandFailed(f"no store at {path} (has the appliance run with this config?)")
@@ -218,6 +225,11 @@ def runs(args: argparse.Namespace) -> int:
 
 def rebuild_index(args: argparse.Namespace) -> int:
     backend = open_backend(args)
+    if not isinstance(backend, LmdbBackend):
+        raise CommandFailed(
+            "the PostgreSQL store has no separate flow index to rebuild: its claims are the "
+            "primary key of ct_flows"
+        )
     started = time.monotonic()
     with backend.maintenance():
         claimed = backend.rebuild_index()
