@@ -236,6 +236,7 @@ class Store:
         self._keyer_override = index_keyer
         self._initial_map = max(initial_map_bytes, 1 << 20)
         self._gate = _Gate()
+        self._closed = False
         self.index_reset: str | None = None  # why the index was made anew, if it was
         self.index_keyer: Callable[[str], bytes] = _no_keyer  # set by _open_index
         # Replays the inbox into the index past its applied seq (set by flowindex.recover).
@@ -368,7 +369,11 @@ class Store:
         return Txn(self.env.begin(write=write), self.index_env, self._index_ids, write)
 
     def close(self) -> None:
+        """Sync the index and close both environments; closing again does nothing."""
         with self._gate.exclusive():
+            if self._closed:
+                return
+            self._closed = True
             self.index_env.sync(True)
             self.index_env.close()
             self.env.close()

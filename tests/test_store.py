@@ -1,18 +1,25 @@
-"""The LMDB backend (store.py, inbox.py, lmdbbackend.py) applying lifecycle.py on a real file."""
+"""The store backends applying lifecycle.py: a real LMDB file (store.py, inbox.py,
+lmdbbackend.py) and a real PostgreSQL database (pgbackend.py). Tests taking `make_backend` run
+against both; the others are about LMDB's own mechanics (its map, its index, its lock)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
+import pytest
 import trio
 
 from appliance import flowindex
+from appliance.backend import Backend
 from appliance.committer import GroupCommitter
 from appliance.errors import StoreLocked
 from appliance.inbox import Inbox, flow_key, seq_key
 from appliance.intake import accept_txn
-from appliance.lmdbbackend import LmdbBackend
+from appliance.lmdbbackend import LmdbBackend, run_inline
 from appliance.payload import Delivery
 from appliance.record import Incoming, Outcome, State
 from appliance.store import Store
@@ -23,18 +30,56 @@ def incoming(flows: list[str], run: str = "r", body: bytes = b"{}") -> Incoming:
     return Incoming(Delivery(unique, run, "g", len(flows) - len(unique)), body, 1.0e9)
 
 
-def test_claims_are_exact_and_duplicates_store_nothing(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    inbox = Inbox(store)
-    a = store.write(lambda t: accept_txn(inbox, t, incoming(["x", "y"])))
-    b = store.write(lambda t: accept_txn(inbox, t, incoming(["y", "z"])))
-    c = store.write(lambda t: accept_txn(inbox, t, incoming(["x", "z"])))
+MakeBackend = Callable[..., Backend]
+
+
+@pytest.fixture(params=["lmdb", "postgresql"])
+def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeBackend]:
+    """`make_backend(serving=False, name=...)` opens the store under test: the same LMDB
+    directory, or the same (migrated) PostgreSQL database, each time it is called. Every
+    backend opened is closed at the end (closing twice is harmless)."""
+    opened: list[Backend] = []
+    dsn = ""
+    if request.param == "postgresql":
+        from appliance import pgschema
+
+        dsn = request.getfixturevalue("pg_dsn")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            pgschema.migrate(conn)
+
+    def make(serving: bool = False, name: str = "test:1") -> Backend:
+        backend: Backend
+        if request.param == "lmdb":
+            backend = LmdbBackend(tmp_path, serving=serving)
+        else:
+            from appliance.pgbackend import PgBackend
+
+            backend = PgBackend(dsn, name=name, lease_seconds=30, serving=serving)
+        opened.append(backend)
+        if serving:
+            backend.recover()
+        return backend
+
+    yield make
+    for backend in opened:
+        backend.close()
+
+
+def test_claims_are_exact_and_duplicates_store_nothing(make_backend: MakeBackend) -> None:
+    backend = make_backend()
+    a = run_inline(lambda: backend.accept(incoming(["x", "y"])))
+    b = run_inline(lambda: backend.accept(incoming(["y", "z"])))
+    c = run_inline(lambda: backend.accept(incoming(["x", "z"])))
     assert (a.status, a.new, b.status, b.new, b.duplicate) == ("accepted", 2, "accepted", 1, 1)
     assert c.status == "duplicate" and c.delivery_id is None
-    records = store.read(lambda t: inbox.records_txn(t, None, 10, False))
-    assert [r.flows for r in records] == [("x", "y"), ("z",)]
-    run = store.read(lambda t: inbox.run_txn(t, "r"))
+    assert a.delivery_id == backend.delivery_id(a.seq or 0)
+    assert [r.flows for r in backend.records(newest_first=False)] == [("x", "y"), ("z",)]
+    run = backend.run("r")
     assert run is not None and (run.pages, run.flows_new, run.flows_duplicate) == (3, 3, 3)
+    assert (run.accepted_pages, run.duplicate_pages) == (2, 1)
+    assert [f.seq for f in backend.flows(["z", "x", "nope"])] == [b.seq, a.seq, None]
+    summary = backend.summary()
+    assert (summary.total, summary.pending, summary.flows, summary.runs) == (2, 2, 3, 1)
 
 
 def test_flow_ids_longer_than_the_key_limit_are_stored_by_digest(tmp_path: Path) -> None:
@@ -58,34 +103,32 @@ def test_map_grows_by_itself(tmp_path: Path) -> None:
     assert store.read(lambda t: inbox.summary_txn(t, size_bytes=0)).total == 200
 
 
-async def test_group_commit_shares_commits_and_claims_exactly(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    inbox = Inbox(store)
-    committer = GroupCommitter(store)
+async def test_group_commit_shares_commits_and_claims_exactly(make_backend: MakeBackend) -> None:
+    backend = make_backend(serving=True)
     rng = random.Random(3)
     pool = [f"f{i}" for i in range(300)]
     bodies = [rng.sample(pool, 20) for _ in range(400)]
     results = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(committer.run)
+        await nursery.start(backend.run_writer)
 
         async def one(flows: list[str]) -> None:
-            item = incoming(flows)
-            results.append(await committer.submit(lambda t: accept_txn(inbox, t, item)))
+            results.append(await backend.accept(incoming(flows)))
 
         async with trio.open_nursery() as senders:
             for flows in bodies:
                 senders.start_soon(one, flows)
-        committer.close()
-    assert committer.operations == 400
-    assert committer.commits < 100, committer.commits  # batched, not one commit per request
+        backend.stop_writes()
+    committer: Any = getattr(backend, "committer", None)
+    assert committer is not None and committer.commits < 100, committer.commits  # batched
     claimed: dict[str, int] = {}
-    for rec in store.read(lambda t: inbox.records_txn(t, None, 1000, True)):
+    for rec in await trio.to_thread.run_sync(lambda: backend.records(limit=1000)):
         for f in rec.flows:
             assert f not in claimed
             claimed[f] = rec.seq
     assert set(claimed) == {f for b in bodies for f in b}
     assert sum(r.new for r in results) == len(claimed)
+    backend.close()
 
 
 async def test_a_failing_operation_fails_alone(tmp_path: Path) -> None:
@@ -117,8 +160,10 @@ async def test_a_failing_operation_fails_alone(tmp_path: Path) -> None:
     assert store.read(lambda t: flowindex.owners_txn(inbox, t, ["ok"]))[0].seq is not None
 
 
-async def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(tmp_path: Path) -> None:
-    backend = LmdbBackend(tmp_path)
+async def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(
+    make_backend: MakeBackend,
+) -> None:
+    backend = make_backend()
     acc = await backend.accept(incoming(["a", "b"], body=b'{"k":1}'))
     seq = acc.seq
     assert seq is not None
@@ -154,13 +199,14 @@ async def test_lifecycle_retry_budget_dead_retry_prune_and_rebuild(tmp_path: Pat
     detail = backend.detail(seq)
     assert detail is not None and detail.body is None and detail.record.body_pruned_at == 24.0
     before = backend.flows(["a", "b", "c"])
-    assert backend.rebuild_index() == 2
-    assert backend.flows(["a", "b", "c"]) == before
     assert [f.seq for f in before] == [seq, seq, None]
+    if isinstance(backend, LmdbBackend):  # PostgreSQL's claims are a primary key: no rebuild
+        assert backend.rebuild_index() == 2
+        assert backend.flows(["a", "b", "c"]) == before
 
 
-async def test_purge_drops_bodies_and_outputs_never_flow_ids(tmp_path: Path) -> None:
-    backend = LmdbBackend(tmp_path)
+async def test_purge_drops_bodies_and_outputs_never_flow_ids(make_backend: MakeBackend) -> None:
+    backend = make_backend()
     done = (await backend.accept(incoming(["a"], body=b"1"))).seq
     dead = (await backend.accept(incoming(["b"], body=b"2"))).seq
     assert done is not None and dead is not None
@@ -199,13 +245,15 @@ def test_server_and_maintenance_exclude_each_other(tmp_path: Path) -> None:
             assert "maintenance command" in str(e)
 
 
-async def test_crash_recovery_returns_importing_to_pending_as_rerun(tmp_path: Path) -> None:
-    backend = LmdbBackend(tmp_path)
+async def test_crash_recovery_returns_importing_to_pending_as_rerun(
+    make_backend: MakeBackend,
+) -> None:
+    backend = make_backend()
     seq = (await backend.accept(incoming(["a"]))).seq
     assert seq is not None
     await backend.start([seq], 5.0)
     backend.close()
-    backend = LmdbBackend(tmp_path)
+    backend = make_backend()  # the same appliance, started again
     assert await backend.recover_imports(6.0) == [seq]
     rec = backend.records()[0]
     assert (rec.state, rec.reruns, rec.next_at) == (State.PENDING, 1, 6.0)
