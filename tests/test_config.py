@@ -400,6 +400,12 @@ def prod_and_alpha(extra: str, monkeypatch) -> tuple[list[str], list[str]]:  # t
             "c.yaml:4: admin.token",
             "shorter than 32 bytes",
         ),
+        (
+            "auth: {hmac: {secrets: [{env: LONG}]}}\nstore:\n  backend: postgresql\n"
+            "  postgresql: {dsn: {value: 'host=db user=ct password=hunter2'}}\n",
+            "c.yaml:6: store.postgresql.dsn",
+            "a secret given as value:",
+        ),
     ],
 )
 def test_production_refuses_insecure_settings_that_alpha_warns_about(
@@ -420,6 +426,8 @@ def test_production_refuses_insecure_settings_that_alpha_warns_about(
         "admin: {bind: '0.0.0.0:9811', token: {env: LONG}, allowed_hosts: [ops.example]}\n",
         "importer: {url: 'http://imp.example/x'}\n",  # no credential travels
         "importer: {url: 'https://imp.example/x', headers: {X: t}, sign_secret: {env: LONG}}\n",
+        # a DSN without a password is no secret (peer auth, a .pgpass); short is fine too
+        "store: {backend: postgresql, postgresql: {dsn: {value: 'host=/run/postgresql'}}}\n",
     ],
 )
 def test_production_accepts_the_safe_forms(extra: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -500,3 +508,28 @@ def test_mask_url_hides_passwords(text: str, shown: str) -> None:
     assert shown in masked
     for secret in ("pa55w0rd", "t0ken", "ss:w@rd", ":b@", ":d@"):
         assert secret not in masked
+
+
+def test_the_postgresql_store_needs_its_section_sane_sizes_and_a_dsn_that_parses() -> None:
+    found = problems(BASE + "store: {backend: postgresql}\n")
+    assert found == ["c.yaml:3: store.postgresql: backend postgresql needs this section"], found
+    text = BASE + (
+        "store:\n  backend: postgresql\n  postgresql:\n    dsn: {value: 'host=a port=x=y secretword'}\n"
+        "    pool_size: 1\n    lease_seconds: 5\n"
+    )
+    found = problems(text)
+    assert any(
+        p.startswith("c.yaml:7: store.postgresql.pool_size: must be between 2") for p in found
+    )
+    assert any(
+        p.startswith("c.yaml:8: store.postgresql.lease_seconds: must be at least 10") for p in found
+    )
+    assert any(
+        p.startswith("c.yaml:6: store.postgresql.dsn: not a libpq connection") for p in found
+    )
+    assert not any("secretword" in p for p in found), found
+    cfg = config.loads(
+        BASE + "store: {backend: postgresql, postgresql: {dsn: {value: 'host=h'}}}\n"
+    )
+    pg = cfg.config.store.postgresql
+    assert pg is not None and (pg.pool_size, pg.lease_seconds) == (8, 300.0)
