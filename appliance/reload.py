@@ -23,7 +23,9 @@ def summary(cfg: Config) -> dict[str, Any]:
         "admin": cfg.admin.bind,
         "admin_token": cfg.admin.token is not None,
         "admin_allowed_hosts": list(cfg.admin.allowed_hosts),
+        "store_backend": cfg.store.backend,
         "store_path": cfg.store.path,
+        "store_postgresql": _postgresql(cfg),
         "webhook_path": cfg.webhook.path,
         "max_body_bytes": cfg.webhook.max_body_bytes,
         "max_inflight_body_bytes": cfg.webhook.max_inflight_body_bytes,
@@ -53,7 +55,15 @@ def key_source(b: BearerConfig) -> str:
     return kind if kind == "secret" else f"{kind} {mask_url(str(getattr(b, kind)))}"
 
 
-RESTART_KEYS = ("listen", "tls", "admin", "store_path")
+def _postgresql(cfg: Config) -> dict[str, Any] | None:
+    """The PostgreSQL store's settings: where its DSN comes from, never the DSN itself."""
+    pg = cfg.store.postgresql
+    if pg is None:
+        return None
+    return {"dsn_from": pg.dsn.source, "pool_size": pg.pool_size, "lease_seconds": pg.lease_seconds}
+
+
+RESTART_KEYS = ("listen", "tls", "admin", "store_backend", "store_path", "store_postgresql")
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

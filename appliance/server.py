@@ -245,7 +245,7 @@ async def _serve_until_stopped(
                 admin=admin_binds,
                 auth_mode=rt.live.verifier.mode,
                 environment=cfg.environment,
-                store=cfg.store.path,
+                store=cfg.store.path if cfg.store.backend == "lmdb" else cfg.store.backend,
                 version=VERSION,
             ),
         )

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .. import backup as backup_mod
+from ..errors import CommandFailed
 from .common import EXIT_OK, EXIT_USAGE, emit, load
 
 
@@ -24,11 +25,22 @@ def _size(n: int) -> str:
     return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
 
 
+def _lmdb_path(args: argparse.Namespace) -> Path:
+    cfg = load(args).config
+    if cfg.store.backend != "lmdb":
+        raise CommandFailed(
+            "backup and restore copy the embedded LMDB store; the PostgreSQL store is backed "
+            "up with PostgreSQL's own tools (pg_basebackup and WAL archiving, or your "
+            "provider's backups): see docs/SCALING.md"
+        )
+    return Path(cfg.store.path)
+
+
 def backup(args: argparse.Namespace) -> int:
     if args.keep is not None and (not args.dated or args.keep < 1):
         print("ct-appliance backup: --keep N needs --dated and N >= 1", file=sys.stderr)
         return EXIT_USAGE
-    store_path = Path(load(args).config.store.path)
+    store_path = _lmdb_path(args)
     started = time.monotonic()
     pruned: list[Path] = []
     if args.dated:
@@ -61,7 +73,7 @@ def backup(args: argparse.Namespace) -> int:
 
 
 def restore(args: argparse.Namespace) -> int:
-    store_path = Path(load(args).config.store.path)
+    store_path = _lmdb_path(args)
     done = backup_mod.restore(Path(args.src), store_path, force=args.force)
     m = done.manifest
     doc = {
