@@ -14,10 +14,12 @@ from collections.abc import Callable
 
 import trio
 
+from .errors import StoreUnavailable
 from .record import Accepted, Incoming
 
 MAX_BATCH = 64  # deliveries per group commit
 MAX_BATCH_FLOWS = 16384  # flow ids per group commit (a few ms of index work)
+ANSWER_WITHIN_SECONDS = 15.0  # a delivery waiting longer for its commit is answered 503
 
 
 class _Pending:
@@ -45,7 +47,14 @@ class PgCommitter:
         pending = _Pending(item)
         self._queue.append(pending)
         self._wakeup.set()
-        await pending.done.wait()
+        with trio.move_on_after(ANSWER_WITHIN_SECONDS):
+            await pending.done.wait()
+        if not pending.done.is_set():
+            # A commit that never ends (a synchronous standby gone): the sender gets a 503 and
+            # retries. If the commit lands later, the retry is answered `duplicate`.
+            raise StoreUnavailable(
+                f"postgresql: no commit within {ANSWER_WITHIN_SECONDS:.0f} s; retry later"
+            )
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None

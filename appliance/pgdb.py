@@ -36,6 +36,7 @@ from .errors import StoreError, StoreFull, StoreUnavailable
 T = TypeVar("T")
 
 RETRIES = 8  # deadlocks between appliances' group commits are rare and resolve at once
+STALL_SECONDS = 10.0  # a write waiting longer makes the store unavailable (503, /readyz)
 
 # Defaults for keys the operator's DSN leaves out: find the primary among several hosts, give
 # up on an unreachable one quickly, and notice a primary that vanished without a FIN.
@@ -97,8 +98,9 @@ class Db:
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
         self._closed = False
-        self.available = True
-        self.last_error: str | None = None
+        self._available = True
+        self._error: str | None = None
+        self._writes: dict[int, float] = {}  # writes in flight: id -> when they began
 
     # -- connections --------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
@@ -136,6 +138,32 @@ class Db:
         self._closed = True
         self._drop_idle()
 
+    # -- health -------------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """False after a write failed (until one succeeds), and while a write has waited more
+        than STALL_SECONDS: a commit held by a synchronous standby that is gone never fails,
+        it waits, and a load balancer should send deliveries elsewhere meanwhile."""
+        return self._available and self.stalled() is None
+
+    @property
+    def last_error(self) -> str | None:
+        stalled = self.stalled()
+        if stalled is not None and self._available:
+            return (
+                f"postgresql: a write has waited {stalled:.0f} s for its commit "
+                "(is the synchronous standby down?)"
+            )
+        return self._error
+
+    def stalled(self) -> float | None:
+        """How long the oldest write in flight has waited, when over STALL_SECONDS."""
+        oldest = min(list(self._writes.values()), default=None)
+        if oldest is None:
+            return None
+        waited = time.monotonic() - oldest
+        return waited if waited > STALL_SECONDS else None
+
     # -- work ---------------------------------------------------------------------------------
     def run(self, fn: Callable[[psycopg.Connection[Any]], T], *, write: bool = True) -> T:
         """`fn(conn)` inside one transaction, committed when it returns. Deadlocks and
@@ -155,7 +183,7 @@ class Db:
                     raise
                 why = _describe(e)
                 if write:
-                    self.available, self.last_error = False, why
+                    self._available, self._error = False, why
                 self._drop_idle()
                 if isinstance(e, pgerrors.DiskFull):
                     raise StoreFull(why) from None
@@ -163,14 +191,24 @@ class Db:
         raise StoreUnavailable("postgresql: gave up after repeated deadlocks")
 
     def _once(self, fn: Callable[[psycopg.Connection[Any]], T], write: bool) -> T:
-        conn = self._get()
+        token = object()
+        if write:
+            self._writes[id(token)] = time.monotonic()
+        try:
+            return self._once_on(self._get(), fn, write)
+        finally:
+            self._writes.pop(id(token), None)
+
+    def _once_on(
+        self, conn: psycopg.Connection[Any], fn: Callable[[psycopg.Connection[Any]], T], write: bool
+    ) -> T:
         broken = True
         try:
             with conn.transaction():
                 out = fn(conn)
             broken = False
-            if write and not self.available:
-                self.available, self.last_error = True, None
+            if write and not self._available:
+                self._available, self._error = True, None
             return out
         except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure):
             broken = False

@@ -218,3 +218,32 @@ def test_an_unreachable_or_read_only_database_is_unavailable_until_a_write_works
         assert run_inline(lambda: backend.accept(incoming(["3"]))).status == "accepted"
         assert [f.seq is not None for f in backend.flows(["1", "2", "3"])] == [True] * 3
         backend.close()
+
+
+async def test_a_commit_held_by_a_missing_synchronous_standby_is_a_503_not_a_hang() -> None:
+    with PgCluster() as pg:
+        pg.init().start()
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            pgschema.migrate(conn)
+        backend = PgBackend(pg.dsn(), name="a:1", serving=True)
+        await trio.to_thread.run_sync(backend.recover)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run_writer)
+            pg.set_conf(synchronous_standby_names="gone")  # every commit now waits for it
+            started = trio.current_time()
+            with pytest.raises(StoreUnavailable, match="no commit within"):
+                await backend.accept(incoming(["held"]))
+            assert 10 < trio.current_time() - started < 30
+            assert not backend.available  # /readyz 503: the balancer sends deliveries elsewhere
+            assert "synchronous standby" in (backend.last_error or "")
+            pg.set_conf(synchronous_standby_names="")  # the held commit completes
+            for _ in range(100):  # the stalled write ends within a moment
+                if backend.available:
+                    break
+                await trio.sleep(0.2)
+            assert backend.available, backend.last_error
+            again = await backend.accept(incoming(["held"]))
+            assert again.status == "duplicate"  # the first one was stored after all: no loss
+            backend.stop_writes()
+            nursery.cancel_scope.cancel()
+        backend.close()

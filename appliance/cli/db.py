@@ -52,9 +52,15 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from ..pgdb import unavailable_error
     from ..pgimport import import_lmdb
 
-    done = import_lmdb(Path(args.path), _db(args))
+    try:
+        done = import_lmdb(Path(args.path), _db(args))
+    except psycopg.Error as e:  # e.g. a role without the rights: one line, no traceback
+        raise unavailable_error(e) from None
     doc = {
         "deliveries": done.deliveries,
         "flow_ids": done.flows,
