@@ -10,7 +10,8 @@ server are taken within each round, then the median over rounds is reported. Sta
 Settings (environment variables; BENCH_QUICK=1 shrinks everything for development):
   BENCH_ROUNDS=3 BENCH_SATURATION_SECONDS=8 BENCH_PACED_SECONDS=8 BENCH_PACED_RATE=100
   BENCH_WARMUP_SECONDS=1 BENCH_CONNECTIONS=64 BENCH_STARTUP_RUNS=5 BENCH_IMPORT_DELIVERIES=1000
-  BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,idx100m,webhook,import,importhttp
+  BENCH_VARIANTS=bare,app,dup,idx1m,idx10m,idx100m,webhook,import,importhttp,pg1,pg2
+                 (and, only when named: pg1-10m,pg2-10m; bench/pgrows.py)
   BENCH_MEMORY_MAX=1G (the seeded rows' server in a memory cgroup with that limit; bench/memcg.py)
   BENCH_MAX_RATE=5000 (sizes the unique-id request files)
   BENCH_APP_EXE=.venv/bin/ct-appliance (the ct-appliance command to serve the app variants with)
@@ -40,6 +41,7 @@ sys.path.insert(0, str(HERE))
 import load  # noqa: E402
 import memcg  # noqa: E402
 import payloads  # noqa: E402
+import pgrows  # noqa: E402
 import pyspy  # noqa: E402
 import report  # noqa: E402
 import servers  # noqa: E402
@@ -118,10 +120,16 @@ def ensure_tools() -> None:
 # --- one variant, one round ---------------------------------------------------------------------
 
 
+def _cpu_by_part(parts: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(servers.cpu_seconds(pid) for pid in pids) for name, pids in parts.items()}
+
+
 def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
     assert v.start is not None
     target = v.start(ctx, rdir)
     server = target.server
+    every = [server, *target.others]
+    parts = target.cpu_parts or {"server": [server.pid]}
     try:
         row: dict[str, Any] = {
             "kind": "http",
@@ -130,15 +138,18 @@ def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
         }
         if s.warmup_seconds > 0:
             load.wrk(target.url, target.warm, s.warmup_seconds, s.connections)
+        probe0 = target.probe() if target.probe else {}
         core0, gen0 = servers.cpu_ticks(servers.SERVER_CPU), servers.cpu_ticks(servers.LOAD_CPU)
         spy = None
         if ctx.py_spy and v.key != "webhook":
             out = RESULTS / f"profile-{rdir.name}.{'svg' if s.profile == 'svg' else 'txt'}"
             out.unlink(missing_ok=True)
             spy = pyspy.start(ctx.py_spy, server.pid, s.saturation_seconds, out, s.profile_gil)
-        cpu0, t0 = servers.cpu_seconds(server.pid), time.perf_counter()
+        by0, t0 = _cpu_by_part(parts), time.perf_counter()
         sat = load.wrk(target.url, target.sat, s.saturation_seconds, s.connections)
-        cpu1, t1 = servers.cpu_seconds(server.pid), time.perf_counter()
+        by1, t1 = _cpu_by_part(parts), time.perf_counter()
+        cpu0, cpu1 = sum(by0.values()), sum(by1.values())
+        probe1 = target.probe() if target.probe else {}
         if spy is not None:
             _, err = spy.communicate(timeout=60)
             if out.exists():
@@ -150,17 +161,34 @@ def run_http(ctx: Ctx, s: Settings, v: Variant, rdir: Path) -> dict[str, Any]:
             "paced", target.url, str(target.paced), "--rate", str(s.paced_rate),
             "--seconds", str(s.paced_seconds), timeout=s.paced_seconds + 60,
         )  # fmt: skip
-        row["private_mib"], row["anon_mib"] = servers.memory_mib(server.pid) or (None, None)
+        memory = [m for srv in every if (m := servers.memory_mib(srv.pid))]
+        row["private_mib"], row["anon_mib"] = (
+            (sum(m[0] for m in memory), sum(m[1] for m in memory)) if memory else (None, None)
+        )
         if target.group is not None:
             row["notes"].append(target.group.describe())
-        if not server.alive():
-            raise RuntimeError(f"{v.key} server died; log tail:\n{server.log_tail()}")
+        probed = {name: probe1[name] - probe0.get(name, 0) for name in probe1}
+        if probed.get("checkpoints"):
+            rnd = rdir.name.split("-")[0]
+            row["notes"].append(f"{rnd}: a PostgreSQL checkpoint started during saturation")
+        for srv in every:
+            if not srv.alive():
+                raise RuntimeError(f"{v.key} server died; log tail:\n{srv.log_tail()}")
     finally:
-        server.stop()
+        for srv in every:
+            srv.stop()
         variants.remove_store(target.store)
         if target.group is not None:
             target.group.remove()
+        if target.cleanup is not None:
+            target.cleanup()
     requests = int(sat["requests"])
+    if target.cpu_parts:
+        row["cpu_parts_ms"] = {
+            name: (by1[name] - by0[name]) * 1000 / requests if requests else None for name in parts
+        }
+    if probed and requests:
+        row["probe_per_request"] = {name: n / requests for name, n in probed.items()}
     non2xx = sum(n for st, n in sat["statuses"].items() if not st.startswith("2"))
     sock_errors = sum(n for k, n in sat["errors"].items() if k != "status")
     paced_non2xx = sum(n for st, n in paced["statuses"].items() if not st.startswith("2"))
@@ -195,7 +223,7 @@ def _check_path(key: str, row: dict[str, Any], sat: dict[str, Any], paced: dict[
     answered = sum(sat["statuses"].values()) or 1
     if "401" in sat["statuses"]:
         row["notes"].append(f"{sat['statuses']['401']} answers were 401 (signature rejected)")
-    if key == "app" or key.startswith("idx"):
+    if key == "app" or key.startswith(("idx", "pg")):
         if sat["wraps"]:
             row["notes"].append("request file wrapped: raise BENCH_MAX_RATE")
         if sat["duplicate"] > answered * 0.01:
@@ -358,9 +386,12 @@ def main() -> int:
         if s.profile:
             ctx.py_spy = pyspy.ensure_py_spy(RESULTS / "tools")
         machine = report.machine(ROOT, work, ctx.app_exe)
-        chosen = variants.all_variants()
-        if s.variants:
-            chosen = [v for v in chosen if v.key in s.variants]
+        every = variants.all_variants()
+        chosen = [v for v in every if (v.key in s.variants if s.variants else v.default)]
+        unknown = set(s.variants or ()) - {v.key for v in every}
+        if unknown:
+            say(f"BENCH_VARIANTS: no such variant {', '.join(sorted(unknown))}")
+            return 2
         keys = ", ".join(v.key for v in chosen)
         say(f"work directory {work}; {s.rounds} round(s); variants {keys}")
         body = make_files(ctx, s)
@@ -374,6 +405,14 @@ def main() -> int:
                 variants.seed_template(ctx, v.seed_flows)
                 if v.seed_flows in ctx.seed_seconds:
                     say(f"  seeded in {ctx.seed_seconds[v.seed_flows]:.1f} s")
+        for v in chosen:
+            if v.prepare is not None:
+                say(f"preparing {v.key}")
+                v.prepare(ctx)
+        for flows, seed in ctx.pg_seeds.items():
+            say(f"  PostgreSQL template, {flows:,} ids: {pgrows.describe_seed(seed)}")
+        for flows, why in ctx.pg_reasons.items():
+            say(f"  PostgreSQL template, {flows:,} ids: not available: {why}")
         rounds: list[dict[str, dict[str, Any]]] = []
         reasons: dict[str, str] = {}
         for r in range(s.rounds if chosen else 0):
@@ -419,7 +458,8 @@ def main() -> int:
         (results_dir / f"results-{stamp}.md").write_text(text)
         (results_dir / "latest.md").write_text(text)
         raw = {"settings": s.__dict__, "machine": machine, "rounds": rounds, "rows": rows,
-               "startup": startup, "seed_seconds": ctx.seed_seconds}  # fmt: skip
+               "startup": startup, "seed_seconds": ctx.seed_seconds,
+               "pg_seeds": ctx.pg_seeds}  # fmt: skip
         (results_dir / f"results-{stamp}.json").write_text(json.dumps(raw, indent=1, default=str))
         say(f"saved var/bench/results-{stamp}.md and .json")
         return 0
@@ -476,6 +516,14 @@ def render(
             + ", ".join(f"{n:,} ids in {t:.1f} s" for n, t in ctx.seed_seconds.items()),
             "",
         ]
+    if ctx.pg_seeds:
+        lines += [
+            "PostgreSQL templates (var/bench/seed-cache/pg-*): "
+            + "; ".join(f"{n:,} ids: {pgrows.describe_seed(d)}" for n, d in ctx.pg_seeds.items()),
+            "",
+        ]
+    if any(r["key"].startswith("pg") for r in rows):
+        lines += [report.pg_table(rows), ""]
     lines += [report.targets(rows, startup), ""]
     profiles = [p for rnd in rounds for r in rnd.values() if (p := r.get("profile"))]
     if profiles:

@@ -4,6 +4,8 @@ Every server runs in its own session (process group) pinned to SERVER_CPU with t
 generators run on LOAD_CPU. Every process started here is recorded in `_live` and stopped by
 `stop_all()`, which run.py calls in a `finally` and on SIGINT/SIGTERM: a failed run leaves nothing
 behind. Only processes this module started are ever signalled (by their own process group).
+What is started by other means (a PostgreSQL cluster, haproxy: bench/pgrows.py) registers its own
+stop with `on_stop_all`, and `stop_all()` runs those too, after the servers.
 
 CPU and memory are read from /proc: CPU as utime+stime+cutime+cstime summed over the server's
 process tree (so importer children and a onefile bootloader's child count too), memory as
@@ -17,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ LOAD_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _live: list[Server] = []
+_stops: list[Callable[[], None]] = []
 
 
 def free_port() -> int:
@@ -182,6 +186,19 @@ def start(
     raise StartError(f"{name} {why} ({last[:200]}); log tail:\n{tail}")
 
 
+def on_stop_all(stop: Callable[[], None]) -> None:
+    """Have `stop_all()` call `stop` (until `forget(stop)`): for what `start` did not start."""
+    _stops.append(stop)
+
+
+def forget(stop: Callable[[], None]) -> None:
+    if stop in _stops:
+        _stops.remove(stop)
+
+
 def stop_all() -> None:
     for server in list(_live):
         server.stop(grace=5.0)
+    for stop in reversed(list(_stops)):
+        forget(stop)
+        stop()

@@ -11,12 +11,18 @@
 | webhook    | Debian's webhook (adnanh/webhook): HMAC rule, /bin/true | small file, cycled      |
 | import     | ct-appliance serve, importer /bin/true: post N, drain   | unique ids              |
 | importhttp | the same, importer.url: bare_asgi.py answering 200      | unique ids              |
+| pg1        | ct-appliance serve on PostgreSQL (bench/pgrows.py)      | unique ids              |
+| pg2        | two of them on one database, behind haproxy             | unique ids, to haproxy  |
+| pg1-10m    | pg1 on a copy of a database holding 10 M claimed ids    | unique ids              |
+| pg2-10m    | pg2 on the same                                         | unique ids, to haproxy  |
 
 Imports are paused for the accept variants (`ct-appliance importer pause`), so that they measure
 the accept path alone; the import variants measure the other half. Seeded stores are built by the
 bulk loader (`python bench/seed.py --config CFG --flows N`: the flow ids reach the index in
 random order, through the appliance's own rebuild), kept in var/bench/seed-cache/ between runs
-(`seed_cache_dir`), and copied for each round, so every round starts from the same index.
+(`seed_cache_dir`), and copied for each round, so every round starts from the same index. The
+PostgreSQL rows (bench/pgrows.py) do the same with a PostgreSQL data directory. Rows with
+`default=False` run only when BENCH_VARIANTS names them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import load
 import memcg
@@ -57,6 +64,9 @@ class Ctx:
     seed_seconds: dict[int, float] = field(default_factory=dict)
     py_spy: str | None = None
     memory_max: int | None = None  # BENCH_MEMORY_MAX: seeded rows run in a memory cgroup
+    pg_templates: dict[int, Path] = field(default_factory=dict)  # flows -> PostgreSQL data dir
+    pg_reasons: dict[int, str] = field(default_factory=dict)
+    pg_seeds: dict[int, dict[str, Any]] = field(default_factory=dict)  # flows -> how it was seeded
 
 
 @dataclass
@@ -69,6 +79,11 @@ class Target:
     notes: list[str]
     store: Path | None = None
     group: memcg.Group | None = None  # the memory cgroup the server runs in, if any
+    others: list[Server] = field(default_factory=list)  # the row's other appliances (pg2)
+    # CPU accounting by part ("appliances", "postgresql", ...): process-tree roots; None: server
+    cpu_parts: dict[str, list[int]] | None = None
+    cleanup: Callable[[], None] | None = None  # after the servers stop (database, haproxy)
+    probe: Callable[[], dict[str, float]] | None = None  # counters read around saturation
 
 
 class NotAvailable(Exception):
@@ -87,9 +102,17 @@ def app_config(
     cfg_path: Path,
     store: Path,
     importer_url: str | None = None,
+    dsn: str | None = None,
 ) -> tuple[int, int]:
-    """Write a SPEC §3 config for a loopback server; return (webhook port, admin port)."""
+    """Write a SPEC §3 config for a loopback server; return (webhook port, admin port).
+    `dsn`: the PostgreSQL store (store.backend: postgresql) instead of LMDB at `store`."""
     port, admin = free_port(), free_port()
+    store_line = (
+        "store: {backend: postgresql, postgresql: "
+        f"{{dsn: {{value: {json.dumps(dsn)}}}, pool_size: 8, lease_seconds: 300}}}}\n"
+        if dsn
+        else f"store: {{path: {store}}}\n"
+    )
     importer_line = (
         f"importer: {{url: {json.dumps(importer_url)}}}\n"
         if importer_url
@@ -101,7 +124,9 @@ def app_config(
         f'listen: {{bind: ["127.0.0.1:{port}"]}}\n'
         f"webhook: {{path: {WEBHOOK_PATH}}}\n"
         f'auth: {{mode: hmac, hmac: {{secrets: [{{value: "{ctx.secret}"}}]}}}}\n'
-        f"store: {{path: {store}}}\n" + importer_line + f'admin: {{bind: "127.0.0.1:{admin}"}}\n'
+        + store_line
+        + importer_line
+        + f'admin: {{bind: "127.0.0.1:{admin}"}}\n'
         "log: {level: info, format: json}\n"
     )
     cfg_path.chmod(0o600)
@@ -175,19 +200,23 @@ def start_app(
     pause: bool,
     importer_url: str | None = None,
     group: memcg.Group | None = None,
+    dsn: str | None = None,
+    name: str = "config",
 ) -> tuple[Server, str, int]:
-    """Start `ct-appliance serve` on store: (server, webhook url, admin port)."""
+    """Start `ct-appliance serve` on store (or the PostgreSQL database `dsn`): (server, webhook
+    url, admin port). `name` names its config and log in rdir (several appliances in one row)."""
     if ctx.app_reason:
         raise NotAvailable(ctx.app_reason)
-    cfg = rdir / "config.yaml"
-    port, admin = app_config(ctx, cfg, store, importer_url)
+    cfg = rdir / f"{name}.yaml"
+    port, admin = app_config(ctx, cfg, store, importer_url, dsn)
     if pause:  # the pause state lives in the store: set before serving
         done = _cli(ctx, "importer", "pause", "--config", str(cfg))
         if done.returncode != 0:
             raise RuntimeError(f"importer pause: {(done.stdout + done.stderr).strip()[-300:]}")
     argv = [str(ctx.app_exe), "serve", "--config", str(cfg)]
+    log = rdir / ("server.log" if name == "config" else f"{name}.log")
     server = servers.start(
-        "ct-appliance", group.argv(argv) if group else argv, rdir / "server.log", admin, "/readyz"
+        "ct-appliance", group.argv(argv) if group else argv, log, admin, "/readyz"
     )
     return server, f"http://127.0.0.1:{port}{WEBHOOK_PATH}", admin
 
@@ -290,9 +319,13 @@ class Variant:
     kind: str  # "http" or "import"
     start: Callable[[Ctx, Path], Target] | None = None
     seed_flows: int | None = None  # the seeded rows: ids in the store before the round
+    prepare: Callable[[Ctx], None] | None = None  # once before the rounds (seed a database)
+    default: bool = True  # False: runs only when BENCH_VARIANTS names it
 
 
 def all_variants() -> list[Variant]:
+    import pgrows  # it builds on this module
+
     return [
         Variant("bare", "bare Hypercorn-trio raw ASGI (ceiling)", "http", _bare),
         Variant("app", "ct-appliance durable, HMAC, 50 new ids/POST", "http", _app),
@@ -307,6 +340,7 @@ def all_variants() -> list[Variant]:
             "import throughput, HTTP importer answering 200 (deliveries/s)",
             "import",
         ),
+        *pgrows.rows(),
     ]
 
 
