@@ -229,8 +229,8 @@ class Dispatcher:
                         "record an interrupted import",
                     )
                     log.warning(
-                        "import interrupted by shutdown; stays pending",
-                        extra=fields(delivery_id=rec.delivery_id, attempt=attempt_no),
+                        "import interrupted; stays pending",
+                        extra=fields(delivery_id=rec.delivery_id, attempt=attempt_no, reason=why),
                     )
                     return
             delay = retry_delay(result, attempt_no, cfg)
@@ -303,14 +303,16 @@ class Dispatcher:
             await trio.sleep(lease / 6)
             now = trio.current_time()
             if self.running and now - last_renew >= lease / 3:
-                asked = trio.current_time()
+                asked, sent = trio.current_time(), list(self.running)
                 try:
-                    held = await self.backend.renew(list(self.running))
+                    held = await self.backend.renew(sent)
                 except StoreError as e:
                     log.error("cannot renew import leases", extra=fields(error=str(e)))
                 else:
                     last_renew = now
-                    for seq in list(self._leased_until):
+                    for seq in sent:  # not those started while the renewal was on its way
+                        if seq not in self._leased_until:
+                            continue
                         if seq in held:
                             self._leased_until[seq] = asked + lease
                         else:

@@ -364,10 +364,9 @@ class PgBackend:
             )
             return after.state
 
-        try:
-            return await self._write(finish)
-        finally:
-            self._attempts.pop(seq, None)
+        state = await self._write(finish)  # a failed write keeps the attempt: it is retried
+        self._attempts.pop(seq, None)
+        return state
 
     async def requeue(self, seq: int, now: float, why: str) -> bool:
         def requeue(conn: Conn) -> bool:
@@ -377,10 +376,9 @@ class PgBackend:
             self._save(conn, lifecycle.requeue(rec, now, why))
             return True
 
-        try:
-            return await self._write(requeue)
-        finally:
-            self._attempts.pop(seq, None)
+        done = await self._write(requeue)
+        self._attempts.pop(seq, None)
+        return done
 
     async def prune(self, cutoff: float, now: float, limit: int = 5000) -> int:
         def prune(conn: Conn) -> int:

@@ -102,6 +102,8 @@ def current_version(conn: Any) -> int:
 def migrate(conn: Any) -> tuple[int, int]:
     """Apply every pending migration (autocommit connection); (version before, after)."""
     before = current_version(conn)
+    if before > SCHEMA_VERSION:
+        check(conn)  # SchemaError: a newer release migrated it; this one must not touch it
     version = before
     while version < SCHEMA_VERSION:
         with conn.transaction():
