@@ -56,7 +56,7 @@ SEED_TIMEOUT = 3 * 3600
 
 
 def rows() -> list[Variant]:
-    """This module's rows, for variants.all_variants(); the 10 M ones only when named."""
+    """This module's rows, beside variants.lmdb_variants(); the 10 M ones only when named."""
     one, two = "ct-appliance on PostgreSQL", "2 ct-appliances on PostgreSQL behind haproxy"
     out = []
     for key, label, appliances, flows in (

@@ -386,7 +386,7 @@ def main() -> int:
         if s.profile:
             ctx.py_spy = pyspy.ensure_py_spy(RESULTS / "tools")
         machine = report.machine(ROOT, work, ctx.app_exe)
-        every = variants.all_variants()
+        every = [*variants.lmdb_variants(), *pgrows.rows()]
         chosen = [v for v in every if (v.key in s.variants if s.variants else v.default)]
         unknown = set(s.variants or ()) - {v.key for v in every}
         if unknown:

@@ -323,9 +323,8 @@ class Variant:
     default: bool = True  # False: runs only when BENCH_VARIANTS names it
 
 
-def all_variants() -> list[Variant]:
-    import pgrows  # it builds on this module
-
+def lmdb_variants() -> list[Variant]:
+    """The rows of the embedded store and the baselines (bench/pgrows.py adds PostgreSQL's)."""
     return [
         Variant("bare", "bare Hypercorn-trio raw ASGI (ceiling)", "http", _bare),
         Variant("app", "ct-appliance durable, HMAC, 50 new ids/POST", "http", _app),
@@ -340,7 +339,6 @@ def all_variants() -> list[Variant]:
             "import throughput, HTTP importer answering 200 (deliveries/s)",
             "import",
         ),
-        *pgrows.rows(),
     ]
 
 
