@@ -28,6 +28,7 @@ from .errors import CommandFailed
 from .inbox import begin_epoch, key_seq
 from .lmdbbackend import LmdbBackend
 from .pgdb import Db
+from .pgintake import flow_keys
 from .record import State, encode_record
 from .store import Txn
 
@@ -91,8 +92,8 @@ def _copy(backend: LmdbBackend, txn: Txn, conn: Any, started: float) -> Imported
         with cur.copy("COPY ct_flows (flow_id, seq) FROM STDIN") as copy:
             for key, raw in inbox.iter_records_txn(txn):
                 seq = key_seq(key)
-                for flow_id in jsoncodec.loads_stored(raw)["flows"]:
-                    copy.write_row((flow_id, seq))
+                for flow_key in flow_keys(jsoncodec.loads_stored(raw)["flows"]):
+                    copy.write_row((flow_key, seq))
                     flows += 1
         with cur.copy("COPY ct_bodies (seq, body) FROM STDIN") as copy:
             for key, _ in inbox.iter_records_txn(txn):

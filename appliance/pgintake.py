@@ -19,6 +19,7 @@ finish. A delivery with more than BIG_DELIVERY flow ids is claimed in a transact
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -47,6 +48,17 @@ _UPSERT_RUN = (
 )
 
 
+def flow_keys(flow_ids: Sequence[str]) -> list[str]:
+    """The ct_flows keys of flow ids. PostgreSQL text cannot hold NUL, which a flow id may
+    (the LMDB store takes it), so an id holding NUL or a backslash is escaped, one to one:
+    backslash -> two backslashes, NUL -> backslash 0. Any other id is its own key: one C-level
+    look at the joined ids decides for the whole delivery."""
+    joined = "".join(flow_ids)
+    if "\x00" not in joined and "\\" not in joined:
+        return list(flow_ids)
+    return [f.replace("\\", "\\\\").replace("\x00", "\\0") for f in flow_ids]
+
+
 def accept_txn(conn: Conn, items: list[Incoming], *, names: Epochs, by: str) -> list[Accepted]:
     """Claim and store every item, in order, in the transaction `conn` is in; `by` is the
     appliance (its ct_counters row)."""
@@ -54,14 +66,15 @@ def accept_txn(conn: Conn, items: list[Incoming], *, names: Epochs, by: str) -> 
         int(r[0])
         for r in conn.execute("SELECT nextval('ct_seq') FROM generate_series(1, %s)", (len(items),))
     ]
+    keyed = [flow_keys(item.delivery.flow_ids) for item in items]
     with conn.pipeline() as pipe:
         claims = [
             conn.execute(
-                "INSERT INTO ct_flows (flow_id, seq) SELECT unnest(%s::text[]), %s "
+                "INSERT INTO ct_flows (flow_id, seq) SELECT unnest(%b::text[]), %s "
                 "ON CONFLICT DO NOTHING RETURNING flow_id",
-                (list(item.delivery.flow_ids), seq),
+                (keys, seq),
             )
-            for item, seq in zip(items, seqs, strict=True)
+            for keys, seq in zip(keyed, seqs, strict=True)
         ]
         pipe.sync()
         claimed = [{r[0] for r in cur.fetchall()} for cur in claims]
@@ -70,13 +83,13 @@ def accept_txn(conn: Conn, items: list[Incoming], *, names: Epochs, by: str) -> 
     bodies: list[tuple[int, bytes]] = []
     runs: dict[str, list[Any]] = {}
     new_total = 0
-    for item, seq, got in zip(items, seqs, claimed, strict=True):
+    for item, seq, keys, got in zip(items, seqs, keyed, claimed, strict=True):
         d, ids = item.delivery, item.delivery.flow_ids
-        new = tuple(f for f in ids if f in got)
+        new = tuple(f for f, k in zip(ids, keys, strict=True) if k in got)
         dup = len(ids) - len(new)
         owners: frozenset[int] = frozenset()
         if item.want_owners and dup:
-            owners = _owners(conn, [f for f in ids if f not in got])
+            owners = _owners(conn, [k for k in keys if k not in got])
         _count_run(runs, item, len(new), dup)
         if not new:
             out.append(Accepted("duplicate", None, None, 0, len(ids), owners))
@@ -113,11 +126,10 @@ def accept_txn(conn: Conn, items: list[Incoming], *, names: Epochs, by: str) -> 
     return out
 
 
-def _owners(conn: Conn, flow_ids: list[str]) -> frozenset[int]:
-    """The deliveries holding these flow ids (`ack: imported` waits for their imports)."""
-    found = conn.execute(
-        "SELECT DISTINCT seq FROM ct_flows WHERE flow_id = ANY(%s)", (flow_ids,)
-    ).fetchall()
+def _owners(conn: Conn, keys: list[str]) -> frozenset[int]:
+    """The deliveries holding these flow keys (`ack: imported` waits for their imports)."""
+    query = "SELECT DISTINCT seq FROM ct_flows WHERE flow_id = ANY(%b)"
+    found = conn.execute(query, (keys,)).fetchall()
     return frozenset(int(r[0]) for r in found)
 
 

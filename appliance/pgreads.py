@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 
 from .inbox import Epochs
-from .pgintake import RUN_COLUMNS
+from .pgintake import RUN_COLUMNS, flow_keys
 from .record import (
     FlowOwner,
     InboxSummary,
@@ -132,11 +132,11 @@ def dead_seqs(conn: Conn) -> list[int]:
 
 
 def flows(conn: Conn, names: Epochs, flow_ids: Sequence[str]) -> list[FlowOwner]:
-    owners = dict(
-        conn.execute(
-            "SELECT flow_id, seq FROM ct_flows WHERE flow_id = ANY(%s)", (list(flow_ids),)
-        ).fetchall()
+    keys = flow_keys(flow_ids)
+    by_key = dict(
+        conn.execute("SELECT flow_id, seq FROM ct_flows WHERE flow_id = ANY(%b)", (keys,))
     )
+    owners = {f: by_key[k] for f, k in zip(flow_ids, keys, strict=True) if k in by_key}
     rows = conn.execute(
         "SELECT seq, record FROM ct_deliveries WHERE seq = ANY(%s)", (list(set(owners.values())),)
     ).fetchall()

@@ -103,6 +103,23 @@ def test_map_grows_by_itself(tmp_path: Path) -> None:
     assert store.read(lambda t: inbox.summary_txn(t, size_bytes=0)).total == 200
 
 
+def test_flow_ids_of_any_text_are_exact_keys(make_backend: MakeBackend) -> None:
+    # NUL cannot be PostgreSQL text and a backslash is its escape: neither may merge two ids.
+    odd = ["a\x00", "a\\0", "a\\\\0", "a\\", "a\\\x00", "é\x00ü", '"quoted"', "a"]
+    backend = make_backend()
+    first = run_inline(lambda: backend.accept(incoming(odd[:4])))
+    rest = run_inline(lambda: backend.accept(incoming(odd)))
+    assert (first.new, rest.new, rest.duplicate) == (4, 4, 4)
+    again = run_inline(lambda: backend.accept(incoming(list(reversed(odd)))))
+    assert again.status == "duplicate"
+    owners = [f.seq for f in backend.flows([*odd, "a\\\\", "\x00"])]
+    assert owners == [first.seq] * 4 + [rest.seq] * 4 + [None, None]
+    assert [r.flows for r in backend.records(newest_first=False)] == [
+        tuple(odd[:4]),
+        tuple(odd[4:]),
+    ]
+
+
 async def test_group_commit_shares_commits_and_claims_exactly(make_backend: MakeBackend) -> None:
     backend = make_backend(serving=True)
     rng = random.Random(3)
