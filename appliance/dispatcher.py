@@ -224,10 +224,12 @@ class Dispatcher:
                     why = "interrupted: appliance stopping"
                     if seq in self._lost:
                         why = "interrupted: its lease could not be renewed (store unreachable)"
-                    await self._commit(
+                    requeued = await self._commit(
                         lambda: self.backend.requeue(seq, self.clock.now(), why),
                         "record an interrupted import",
                     )
+                    if requeued:  # its record counts a rerun: so does import_reruns_total
+                        self.rt.metrics.import_reruns.inc()
                     log.warning(
                         "import interrupted; stays pending",
                         extra=fields(delivery_id=rec.delivery_id, attempt=attempt_no, reason=why),

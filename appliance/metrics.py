@@ -272,7 +272,9 @@ class Metrics:
             registry=r,
         )
         self.import_reruns = Counter(
-            "ct_appliance_import_reruns", "Re-runs after a crash during an import", registry=r
+            "ct_appliance_import_reruns",
+            "Imports re-run because an attempt was cut short (crash, stop, lost lease)",
+            registry=r,
         )
         self.info = Info("ct_appliance", "Build and mode", registry=r)
         self.window = Window()
