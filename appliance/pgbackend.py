@@ -177,7 +177,17 @@ class PgBackend:
             self.committer.close()
 
     def close(self, *, clean: bool = False) -> None:
-        self.db.close()
+        """Close the connections; after a clean stop, leave the other appliances' /status."""
+        try:
+            if clean and self.serving:
+                self.db.run(self._leave_txn)
+        except StoreError as e:  # the row ages out of /status within PEERS_SEEN_SECONDS
+            log.warning("could not leave the appliance list", extra=fields(error=str(e)))
+        finally:
+            self.db.close()
+
+    def _leave_txn(self, conn: Conn) -> None:
+        conn.execute("DELETE FROM ct_appliances WHERE name = %s", (self.name,))
 
     def size_bytes(self) -> int:
         return self.db.read(pgreads.size_bytes)

@@ -247,3 +247,16 @@ async def test_a_commit_held_by_a_missing_synchronous_standby_is_a_503_not_a_han
             backend.stop_writes()
             nursery.cancel_scope.cancel()
         backend.close()
+
+
+def test_status_lists_the_appliances_seen_and_a_clean_stop_leaves_the_list(dsn: str) -> None:
+    a, b = (PgBackend(dsn, name=n, serving=True) for n in ("a:1", "b:2"))
+    a.recover()
+    b.recover()  # registers, as every heartbeat does
+    assert [(p["name"], p["self"]) for p in a.peers()] == [("a:1", True), ("b:2", False)]
+    b.close(clean=True)
+    assert [p["name"] for p in a.peers()] == ["a:1"]
+    a.close()  # killed, in effect: its row stays until it ages out
+    c = PgBackend(dsn, name="c:3")
+    assert [p["name"] for p in c.peers()] == ["a:1"]
+    c.close()
