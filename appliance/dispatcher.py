@@ -181,11 +181,12 @@ class Dispatcher:
         await self._maybe_prune()
         if not ready or self.paused or self._stopping:
             return wake
+        # A lease runs from the start's commit: counting from before it errs on the safe side.
+        leased_until = trio.current_time() + (self.backend.lease_seconds or 0.0)
         try:
             started = await self.backend.start(ready, self.clock.now())
         except StoreError:
             return None  # nothing started; the store probe brings writes back, we look again
-        leased_until = trio.current_time() + (self.backend.lease_seconds or 0.0)
         for seq, item in zip(ready, started, strict=True):
             if item is None:
                 continue
