@@ -136,14 +136,7 @@ class Dispatcher:
         rerun = await self._commit(
             lambda: self.backend.recover_imports(self.clock.now()), "recover interrupted imports"
         )
-        rerun = rerun or []
-        for _ in rerun:
-            self.rt.metrics.import_reruns.inc()
-        if rerun:
-            log.warning(
-                "re-running deliveries interrupted by a stop or crash",
-                extra=fields(deliveries=len(rerun)),
-            )
+        self._rerun(rerun or [], "re-running deliveries interrupted by a stop or crash")
         task_status.started()
         async with trio.open_nursery() as nursery:
             if self.backend.lease_seconds is not None:
@@ -288,14 +281,15 @@ class Dispatcher:
             taken = await self.backend.reclaim(now)
         except StoreError:
             return
-        for _ in taken:
-            self.rt.metrics.import_reruns.inc()
         if taken:
-            log.warning(
-                "re-running deliveries whose appliance stopped renewing their lease",
-                extra=fields(deliveries=len(taken)),
-            )
+            self._rerun(taken, "re-running deliveries whose appliance stopped renewing their lease")
             self._wake()
+
+    def _rerun(self, seqs: list[int], why: str) -> None:
+        """Deliveries put back to pending after an attempt was cut short: each is a rerun."""
+        self.rt.metrics.import_reruns.inc(len(seqs))
+        if seqs:
+            log.warning(why, extra=fields(deliveries=len(seqs)))
 
     async def _keep_leases(self, lease: float) -> None:
         """Renew the leases of running attempts every lease / 3. An attempt whose lease could
