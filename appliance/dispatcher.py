@@ -93,6 +93,7 @@ class Dispatcher:
         # this process knows (trio time), and the attempts cancelled for losing it.
         self._leased_until: dict[int, float] = {}
         self._lost: set[int] = set()
+        self._importing: set[int] = set()  # attempts whose importer runs now (cancellable)
         self._last_reclaim = 0.0
         enable_subreaper()
 
@@ -208,12 +209,14 @@ class Dispatcher:
             except (ValueError, KeyError) as e:
                 result = AttemptResult(Outcome.DEAD, f"stored body unreadable: {e}", 0.0)
             else:
+                self._importing.add(seq)
                 with scope:
                     try:
                         result = await attempt(doc)
                     except Exception as e:  # a bug in an attempt kind: retried, never fatal
                         log.exception("import attempt failed unexpectedly")
                         result = AttemptResult(Outcome.RETRY, f"internal error: {e!r}"[:200], 0.0)
+                self._importing.discard(seq)  # from here on only its result is written
                 if scope.cancelled_caught:
                     why = "interrupted: appliance stopping"
                     if seq in self._lost:
@@ -268,6 +271,7 @@ class Dispatcher:
             del self.running[seq]
             self._leased_until.pop(seq, None)
             self._lost.discard(seq)
+            self._importing.discard(seq)
             self._idle.set()
             self._idle = trio.Event()
             self._wake()
@@ -308,8 +312,8 @@ class Dispatcher:
                 else:
                     last_renew = now
                     for seq in sent:  # not those started while the renewal was on its way
-                        if seq not in self._leased_until:
-                            continue
+                        if seq not in self._leased_until or seq not in self._importing:
+                            continue  # its importer has ended: `finish` checks the lease
                         if seq in held:
                             self._leased_until[seq] = asked + lease
                         else:
@@ -319,8 +323,11 @@ class Dispatcher:
                     self._lose(seq, "its lease could not be renewed in time")
 
     def _lose(self, seq: int, why: str) -> None:
+        """Cancel an attempt whose importer still runs on a lease that is, or soon may be,
+        another appliance's. One whose importer has ended is left to `finish`, which records
+        its result only if the lease is still this appliance's."""
         scope = self.running.get(seq)
-        if scope is None or seq in self._lost:
+        if scope is None or seq in self._lost or seq not in self._importing:
             return
         self._lost.add(seq)
         log.error("cancelling an import attempt", extra=fields(seq=seq, reason=why))

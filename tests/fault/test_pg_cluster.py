@@ -46,7 +46,7 @@ import psycopg
 from appliance.pgbackend import PgBackend
 from appliance.record import Outcome, Record, State
 
-from ..conftest import ROOT, SECRET, Appliance, delivery, sign
+from ..conftest import EXAMPLE_IMPORTER, ROOT, SECRET, Appliance, delivery, sign
 from ..haproxy import Haproxy
 from ..pgcluster import PgCluster
 from .helpers import Stopwatch, metric, report
@@ -338,6 +338,9 @@ def haproxy_retries(hap: Haproxy) -> tuple[int, int]:
 
 # -- 1. two appliances behind haproxy, kill -9 in turn -------------------------------------------
 CYCLES = 8
+PAUSED_IMPORTER = (
+    "import runpy, sys, time; time.sleep(0.15); runpy.run_path(sys.argv[1], run_name='__main__')"
+)
 LONG_CYCLES = 2  # cycles whose victim stays down until the other appliance reclaims its leases
 SENDERS = 3
 PACE = (0.2, 0.5)  # seconds between a sender's pages: ~8 pages/s in all, what the importers
@@ -352,8 +355,11 @@ def test_two_appliances_behind_haproxy_survive_kill9_loop(
     its own leases at once). Two of the cycles aim the kill at an import in flight and keep the
     victim down until the survivor has reclaimed its expired leases (lease_seconds 10)."""
     clock = Stopwatch()
-    a: Appliance = make_appliance(pg_overrides(pg_dsn), sub="a")
-    b: Appliance = make_appliance(pg_overrides(pg_dsn), sub="b")
+    # The example importer, after a short pause: on a quiet machine it takes ~50 ms, and the
+    # kills must find imports in flight (leases held) whatever the machine's speed.
+    paused = {"command": [sys.executable, "-c", PAUSED_IMPORTER, str(EXAMPLE_IMPORTER)]}
+    a: Appliance = make_appliance(pg_overrides(pg_dsn, **paused), sub="a")
+    b: Appliance = make_appliance(pg_overrides(pg_dsn, **paused), sub="b")
     a.cli("db", "migrate")
     b.cli("db", "migrate")  # idempotent: the second appliance's operator runs it too
     apps = {"a": a, "b": b}
