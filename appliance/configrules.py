@@ -130,28 +130,11 @@ def _validate_store(cfg: Config, b: Builder) -> None:
     if pg.lease_seconds < 10:
         why = "must be at least 10 (leases are renewed every lease_seconds / 3)"
         b.fail(b.line("store.postgresql.lease_seconds"), "store.postgresql.lease_seconds", why)
-    if pg.dsn.value and not _dsn_parses(pg.dsn.value.decode("utf-8", "replace")):
+    from .pgdb import parses  # psycopg is imported only when the config names PostgreSQL
+
+    if pg.dsn.value and not parses(pg.dsn.value.decode("utf-8", "replace")):
         why = "not a libpq connection string (keywords or a postgresql:// URI)"
         b.fail(b.line("store.postgresql.dsn"), "store.postgresql.dsn", why)
-
-
-def _dsn_parses(dsn: str) -> bool:
-    from psycopg.conninfo import conninfo_to_dict  # psycopg only when the backend is used
-
-    try:
-        conninfo_to_dict(dsn)
-    except Exception:
-        return False
-    return True
-
-
-def _dsn_has_password(dsn: bytes) -> bool:
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        return bool(conninfo_to_dict(dsn.decode("utf-8", "replace")).get("password"))
-    except Exception:
-        return False
 
 
 DSN_PATH = "store.postgresql.dsn"
@@ -193,7 +176,11 @@ def _risky(cfg: Config, b: Builder, file_mode: int | None) -> list[str]:
     """Settings production refuses and alpha warns about; the warnings."""
     pg = cfg.store.postgresql
     # A DSN is a secret only when it holds a password (a socket path or a .pgpass does not).
-    dsn_secret = pg is not None and _dsn_has_password(pg.dsn.value)
+    dsn_secret = False
+    if pg is not None:
+        from .pgdb import has_password
+
+        dsn_secret = has_password(pg.dsn.value.decode("utf-8", "replace"))
     value_secrets = [p for p in b.value_secrets if p != DSN_PATH or dsn_secret]
     risky: list[tuple[str, str]] = [(p, "a secret given as value:") for p in value_secrets]
     if cfg.testing.fail_first_deliveries > 0:

@@ -63,6 +63,15 @@ def conninfo(dsn: str, application_name: str) -> str:
     return make_conninfo("", **params)
 
 
+def parses(dsn: str) -> bool:
+    """A libpq connection string (keywords or a URI), as config validation asks."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return False
+    return True
+
+
 def has_password(dsn: str) -> bool:
     try:
         return bool(conninfo_to_dict(dsn).get("password"))
